@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The whole test suite: notebooks clean, anymal/ in sync with nbs/, every notebook executed, pytest.
+# Run through `make test` (which installs first). Fails on the first failing step.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${BIN:-.venv/bin}
+export MPLBACKEND=Agg PYTHONWARNINGS=${PYTHONWARNINGS:-ignore::DeprecationWarning}
+t0=$SECONDS
+step() { printf '\n== %s (%ss)\n' "$1" "$((SECONDS - t0))"; }
+
+step "notebooks are clean (nbdev-clean changes nothing)"
+snap() { git diff --no-ext-diff -- nbs lessons | sha256sum; git ls-files -o --exclude-standard -- nbs lessons | xargs -r sha256sum; }
+before=$(snap)
+"$BIN/nbdev-clean" >/dev/null
+"$BIN/nbdev-clean" --fname lessons >/dev/null
+if [ "$before" != "$(snap)" ]; then
+  echo "FAIL: nbdev-clean changed notebooks; run 'make clean-nbs' and commit"; git status --short -- nbs lessons; exit 1
+fi
+
+step "anymal/ is exactly what nbs/ exports (new or stale modules included)"
+tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
+cp -r nbs pyproject.toml README.md "$tmp"/; mkdir "$tmp/anymal"; cp anymal/__init__.py "$tmp/anymal/"
+(cd "$tmp" && "$OLDPWD/$BIN/nbdev-export" >/dev/null)
+if ! diff -r -x __pycache__ "$tmp/anymal" anymal; then
+  echo "FAIL: anymal/ differs from what nbdev-export writes; run 'make export' and commit (never hand-edit anymal/)"; exit 1
+fi
+
+step "library notebooks (nbdev-test nbs)"
+"$BIN/nbdev-test" nbs --timing
+step "lessons (nbdev-test lessons)"
+if compgen -G "lessons/[!_]*.ipynb" >/dev/null; then "$BIN/nbdev-test" lessons --timing; else echo "no lessons yet"; fi
+
+step "pytest"
+"$BIN/pytest" -q tests   # exit 5 (no tests collected) fails too
+
+if [ "${CI:-}" = "true" ] && [ -n "$(git status --porcelain)" ]; then
+  echo "FAIL: the test run left the work tree dirty:"; git status --short; exit 1
+fi
+step "all green"
