@@ -1,0 +1,265 @@
+"""The trainer's contract (anymal.train, anymal.checkpoint, anymal.runlog), on the toy model of anymal.toy:
+exact resume, two CPU processes under torchrun, NaN stop, refusal of mismatched checkpoints, atomic saves,
+gradient accumulation, the LR schedule, metrics.jsonl and W&B."""
+import math, os, subprocess, sys, time, warnings
+from pathlib import Path
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from ddp_toy_run import toy_cfg, train_toy  # noqa: E402
+from anymal.checkpoint import (CheckpointMismatch, latest_checkpoint, load_for_inference, load_train_state,  # noqa: E402
+                               load_trainable, read_meta, trainable_state_dict)
+from anymal.config import tiny, override  # noqa: E402
+from anymal.toy import ToySeqs, ToyVLM  # noqa: E402
+from anymal.train import NonFiniteError, fit, lr_factor  # noqa: E402
+from anymal.runlog import read_metrics  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    "Tiny shapes on a shared 2-core machine: one thread is far faster than two contending ones."
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class Crash(Exception): pass
+
+
+def crash_at(step):
+    def on_step(s, m):
+        if s == step: raise Crash(f"crash after step {s}")
+    return on_step
+
+
+def curve(out): return [(r["step"], r["split"], r["loss"]) for r in read_metrics(out)]
+
+
+def test_resume_is_exact(tmp_path):
+    "Crash mid-epoch, resume, crash at an epoch boundary, resume: the same losses, bit for bit, as no crash."
+    sets = ["resampler.dropout=0.2", "train.steps=30", "train.batch_size=4", "train.grad_accum=2", "train.save_every=8",
+            "train.eval_every=10"]  # 96 samples / 4 = 24 micro-batches = 12 steps per epoch; step 24 ends epoch 1
+    _, ma = train_toy(tmp_path / "a", *sets, n=96)
+    b = tmp_path / "b"
+    with pytest.raises(Crash): train_toy(b, *sets, n=96, on_step=crash_at(13))
+    p = load_train_state(b)["progress"]
+    assert (p["step"], p["epoch"], p["batches"]) == (8, 0, 16)
+    with pytest.raises(Crash): train_toy(b, *sets, n=96, resume=True, on_step=crash_at(27))
+    p = load_train_state(b)["progress"]
+    assert (p["step"], p["epoch"], p["batches"]) == (24, 1, 24)  # the end of epoch 1 exactly
+    _, mb = train_toy(b, *sets, n=96, resume=True)
+    ca, cb = curve(tmp_path / "a"), curve(b)
+    assert len(ca) == 30 + 3 and ca == cb  # identical floats at every step, train and val
+    sa, sb = trainable_state_dict(ma), trainable_state_dict(mb)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    oa, ob = load_train_state(tmp_path / "a")["optimizer"]["state"], load_train_state(b)["optimizer"]["state"]
+    assert all(torch.equal(oa[i]["exp_avg_sq"], ob[i]["exp_avg_sq"]) for i in oa)
+    assert read_metrics(b)[-1]["tokens"] == read_metrics(tmp_path / "a")[-1]["tokens"] == 30 * 8 * 12
+
+
+def test_torchrun_two_processes_match_one(tmp_path):
+    "2 CPU processes x batch 2 x accum 2 (gloo, no_sync) == 1 process x batch 8: same losses, tokens, weights."
+    _, m1 = train_toy(tmp_path / "one")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(REPO / "tests" / "ddp_toy_run.py"), str(tmp_path / "two"), "train.batch_size=2",
+                        "train.grad_accum=2"], env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert time.time() - t0 < 90
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert [(x["step"], x["split"]) for x in one] == [(x["step"], x["split"]) for x in two]  # rank 0 logs, once
+    for x, y in zip(one, two):
+        assert math.isclose(x["loss"], y["loss"], rel_tol=1e-5), (x, y)
+        assert x["tokens"] == y["tokens"] and x["lr"] == y["lr"]  # tokens summed over both ranks
+    m2 = ToyVLM.from_config(toy_cfg(tmp_path / "two"))
+    load_trainable(m2, tmp_path / "two" / "final")
+    s1, s2 = trainable_state_dict(m1), trainable_state_dict(m2)
+    assert all(torch.allclose(s1[k], s2[k], atol=1e-5) for k in s1)
+    assert len(load_train_state(tmp_path / "two")["rng"]) == 2  # each rank's generators
+
+
+def test_nan_stops_with_clear_message_and_keeps_last_checkpoint(tmp_path):
+    seen = {}
+    def snapshot(step, m):
+        if step == 8: seen["sd"] = trainable_state_dict(model_ref[0])
+    model_ref = []
+    cfg = toy_cfg(tmp_path)
+    torch.manual_seed(0)
+    model = ToyVLM.from_config(cfg, nan_after=9); model_ref.append(model)
+    with pytest.raises(NonFiniteError, match=r"non-finite train loss at step 10 \(rank 0: micro-batch 1/1 loss nan \(sample_ids \["):
+        fit(cfg, model, ToySeqs(64), progress=False, on_step=snapshot)
+    assert latest_checkpoint(tmp_path).name == "step-00000008"
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["latest", "step-00000004", "step-00000008"]  # nothing for step 10, no temporary leftovers
+    assert not (tmp_path / "final").exists()
+    fresh = ToyVLM.from_config(cfg)
+    load_trainable(fresh, tmp_path, cfg)
+    assert all(torch.equal(v, trainable_state_dict(fresh)[k]) for k, v in seen["sd"].items())
+    assert max(r["step"] for r in read_metrics(tmp_path)) == 9
+
+
+def test_nonfinite_gradient_stops(tmp_path):
+    "Finite losses, infinite gradients (an overflow, say): stopped before the optimizer step, weights untouched."
+    cfg = toy_cfg(tmp_path)
+    torch.manual_seed(0)
+    model = ToyVLM.from_config(cfg)
+    before = trainable_state_dict(model)
+    model.bridge.latents.register_hook(lambda g: g * float("inf"))
+    with pytest.raises(NonFiniteError, match=r"non-finite gradient norm \(inf\) at step 1 with finite losses"):
+        fit(cfg, model, ToySeqs(64), progress=False)
+    assert all(torch.equal(v, trainable_state_dict(model)[k]) for k, v in before.items())
+    assert latest_checkpoint(tmp_path) is None and not (tmp_path / "final").exists()
+
+
+def test_mismatched_checkpoint_is_refused(tmp_path):
+    train_toy(tmp_path, "train.steps=4")
+    big = ["resampler.latents=8"]
+    with pytest.raises(CheckpointMismatch) as e: train_toy(tmp_path, *big, resume=True)
+    msg = str(e.value)
+    assert "resampler.latents: checkpoint 4, model 8" in msg and "bridge.latents: shape checkpoint (4, 64), model (8, 64)" in msg
+    m = ToyVLM.from_config(toy_cfg(tmp_path, *big)); before = trainable_state_dict(m)
+    with pytest.raises(CheckpointMismatch, match="bridge.latents: shape checkpoint"):
+        load_trainable(m, tmp_path / "final")
+    assert all(torch.equal(v, trainable_state_dict(m)[k]) for k, v in before.items())  # untouched
+    with pytest.raises(CheckpointMismatch, match="resampler.latents: checkpoint 4, model 8"):
+        load_for_inference(tmp_path, build_fn=lambda cfg: ToyVLM.from_config(override(cfg, big)), sets=big)
+    m = ToyVLM.from_config(toy_cfg(tmp_path)); m.head.requires_grad_(True)
+    with pytest.raises(CheckpointMismatch, match="head.weight: trained in the model, not in the checkpoint"):
+        load_trainable(m, tmp_path)
+
+
+def test_crash_while_saving_leaves_previous_checkpoint(tmp_path, monkeypatch):
+    "torch.save fails in the middle of the step-8 checkpoint: step 4 stays `latest` and loadable; resume is exact."
+    real_save = torch.save
+    def disk_full(*a, **k): raise OSError("No space left on device (simulated)")
+    def break_disk(step, m):
+        if step == 4: monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="simulated"): train_toy(tmp_path / "b", on_step=break_disk)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["latest", "step-00000004"]
+    assert latest_checkpoint(tmp_path / "b").name == "step-00000004"
+    assert load_train_state(tmp_path / "b")["progress"]["step"] == 4
+    load_trainable(ToyVLM.from_config(toy_cfg(tmp_path)), tmp_path / "b")
+    train_toy(tmp_path / "b", resume=True)
+    train_toy(tmp_path / "a")
+    assert curve(tmp_path / "a") == curve(tmp_path / "b")
+
+
+def test_grad_accumulation_equals_bigger_batch(tmp_path):
+    _, m8 = train_toy(tmp_path / "b8", "train.batch_size=8")
+    _, m4 = train_toy(tmp_path / "b4x2", "train.batch_size=4", "train.grad_accum=2")
+    c8, c4 = read_metrics(tmp_path / "b8"), read_metrics(tmp_path / "b4x2")
+    assert [r["step"] for r in c8] == [r["step"] for r in c4]
+    for x, y in zip(c8, c4): assert math.isclose(x["loss"], y["loss"], rel_tol=1e-5) and x["tokens"] == y["tokens"]
+    s8, s4 = trainable_state_dict(m8), trainable_state_dict(m4)
+    assert all(torch.allclose(s8[k], s4[k], atol=1e-6) for k in s8)
+    assert not torch.equal(s8["bridge.latents"], trainable_state_dict(ToyVLM.from_config(toy_cfg(tmp_path)))["bridge.latents"])
+
+
+def test_lr_schedule_shape(tmp_path):
+    f = [lr_factor(s, 10, 100, 0.1) for s in range(100)]
+    assert f[0] == 0.1 and f[9] == 1.0 and f[10] == 1.0 and math.isclose(f[-1], 0.1)
+    assert all(a < b for a, b in zip(f[:9], f[1:10])) and all(a >= b for a, b in zip(f[10:], f[11:]))
+    assert math.isclose(f[10 + 89 // 2], 0.55, abs_tol=0.01)
+    assert lr_factor(5, 0, 10, 0.0) < 1.0 and lr_factor(0, 0, 10, 0.0) == 1.0  # no warm-up
+    train_toy(tmp_path)  # lr 3e-2, lora_lr 1e-2, warmup 3, 12 steps, min_lr_ratio 0.1
+    for r in read_metrics(tmp_path, "train"):
+        k = lr_factor(r["step"] - 1, 3, 12, 0.1)
+        assert math.isclose(r["lr_groups"]["bridge"], 3e-2 * k) and math.isclose(r["lr_groups"]["lora"], 1e-2 * k)
+        assert r["lr"] == r["lr_groups"]["bridge"]
+
+
+def test_metrics_records(tmp_path):
+    train_toy(tmp_path)
+    tr, va = read_metrics(tmp_path, "train"), read_metrics(tmp_path, "val")
+    assert [r["step"] for r in tr] == list(range(1, 13)) and [r["step"] for r in va] == [6, 12]
+    for r in tr + va:
+        assert {"step", "split", "loss", "lr", "lr_groups", "tokens_per_s", "tokens", "time", "epoch"} <= set(r)
+        assert r["tokens_per_s"] > 0 and math.isfinite(r["loss"])
+    assert [r["tokens"] for r in tr] == [8 * 12 * s for s in range(1, 13)]  # attention_mask tokens: 12 of 16
+    assert tr[-1]["epoch"] == 1.5 and va[0]["batches"] == 4  # 64 samples / 8 per step; all 32 val samples
+    assert tr[0]["time"] <= tr[-1]["time"]
+
+
+def test_fresh_run_refuses_existing_checkpoints(tmp_path):
+    train_toy(tmp_path, "train.steps=4")
+    with pytest.raises(FileExistsError, match="pass resume=True"): train_toy(tmp_path, "train.steps=4")
+    final, _ = train_toy(tmp_path, "train.steps=4", resume=True)  # already done: nothing to train
+    assert final == tmp_path / "final"
+
+
+def test_load_for_inference(tmp_path):
+    final, m = train_toy(tmp_path)
+    inf = load_for_inference(final, build_fn=ToyVLM.from_config)
+    assert not inf.model.training and inf.cfg.train.steps == 12 and read_meta(final)["step"] == 12
+    assert all(torch.equal(v, trainable_state_dict(inf.model)[k]) for k, v in trainable_state_dict(m).items())
+    assert sorted(p.name for p in final.iterdir()) == ["meta.json", "trainable.safetensors"]
+    load_for_inference(tmp_path, build_fn=ToyVLM.from_config)  # a run directory means its final/
+
+
+def test_init_from_loads_bridge_without_lora(tmp_path):
+    "Stage 2 starts from a stage-1 checkpoint that has the bridge but no LoRA tensors."
+    cfg = toy_cfg(tmp_path / "s1", "train.steps=3")
+    torch.manual_seed(0); m1 = ToyVLM.from_config(cfg); m1.mix.lora_A.requires_grad_(False); m1.mix.lora_B.requires_grad_(False)
+    s1 = fit(cfg, m1, ToySeqs(64), progress=False)
+    assert set(read_meta(s1)["arch"]["tensors"]) == {"bridge.latents", "bridge.proj.weight", "bridge.proj.bias"}
+    cfg2 = toy_cfg(tmp_path / "s2", "train.steps=1", "train.lr=0.0", f"train.init_from={s1}")
+    torch.manual_seed(1); m2 = ToyVLM.from_config(cfg2)
+    fit(cfg2, m2, ToySeqs(64), progress=False)
+    assert torch.equal(m2.bridge.latents, m1.bridge.latents)  # loaded (and lr 0 kept it)
+
+
+def test_wandb_offline_and_failure(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False); monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    train_toy(tmp_path / "off", "train.steps=2", "train.wandb_project=anymal-test")
+    assert list((tmp_path / "off" / "wandb").glob("offline-run-*")) and len(read_metrics(tmp_path / "off", "train")) == 2
+    import wandb
+    def no_wandb(*a, **k): raise RuntimeError("cannot reach W&B")
+    monkeypatch.setattr(wandb, "init", no_wandb)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        train_toy(tmp_path / "fail", "train.steps=2", "train.wandb_project=anymal-test")
+    assert any("W&B did not start (RuntimeError: cannot reach W&B)" in str(x.message) for x in w)
+    assert len(read_metrics(tmp_path / "fail", "train")) == 2
+
+
+def test_fit_trains_tiny_anymal(tmp_path):
+    "The real tiny AnyMAL: stage 1, reload for inference, stage 2 from the stage-1 checkpoint (bridge, no LoRA)."
+    from anymal.model import AnyMAL
+    ids = dict(image_token_id=5, pad_id=0, eos_id=2)
+    torch.manual_seed(0)
+    cfg = override(tiny(), [f"train.out_dir={tmp_path / 's1'}", "train.steps=2", "train.batch_size=2", "train.grad_accum=2",
+                            "train.eval_every=2", "train.eval_batches=1"])
+    m1 = AnyMAL.build(cfg, stage=1, **ids)
+    L = m1.num_tokens
+
+    class Pairs(torch.utils.data.Dataset):
+        def __len__(self): return 8
+        def __getitem__(self, i):
+            g = torch.Generator().manual_seed(i)
+            x = torch.cat([torch.full((L,), ids["image_token_id"]), torch.randint(10, 500, (8,), generator=g)])
+            return dict(input_ids=x, attention_mask=torch.ones_like(x), labels=torch.cat([torch.full((L,), -100), x[L:]]),
+                        n_images=torch.tensor(1), pixels=torch.randn(1, 3, 64, 64, generator=g), sample_ids=torch.tensor(i))
+
+    def collate(xs):
+        b = torch.utils.data.default_collate([{k: v for k, v in x.items() if k != "pixels"} for x in xs])
+        return dict(b, pixels=torch.cat([x["pixels"] for x in xs]))  # images flat, in order
+
+    final = fit(cfg, m1, Pairs(), Pairs(), collate_fn=collate, progress=False)
+    assert [(r["step"], r["split"]) for r in read_metrics(tmp_path / "s1")] == [(2, "train"), (2, "val")]
+    tensors = read_meta(final)["arch"]["tensors"]
+    assert tensors and all(k.startswith("bridge.") for k in tensors)
+    inf = load_for_inference(final, build_fn=lambda c: AnyMAL.build(c, stage=1, **ids))
+    assert all(torch.equal(v, inf.model.trainable_state_dict()[k]) for k, v in m1.trainable_state_dict().items())
+    cfg2 = override(cfg, [f"train.out_dir={tmp_path / 's2'}", f"train.init_from={final}", "train.stage=2", "train.steps=1",
+                          "train.lr=0.0"])
+    m2 = AnyMAL.build(cfg2, stage=2, **ids)
+    fit(cfg2, m2, Pairs(), collate_fn=collate, progress=False)
+    assert all(torch.equal(v, m2.trainable_state_dict()[k]) for k, v in m1.trainable_state_dict().items())  # lr 0
+    t2 = read_meta(tmp_path / "s2" / "final")["arch"]["tensors"]
+    assert any("lora_" in k for k in t2) and read_metrics(tmp_path / "s2")[-1]["lr_groups"].keys() == {"bridge", "lora"}
