@@ -1,0 +1,118 @@
+"""Model checks that cross modules or are too slow for a lesson: QLoRA AnyMAL end to end, random NF4, gradient
+checkpointing equivalence, checkpoint round trip through a file, `describe` as JSON."""
+import json
+import pytest
+import torch
+from anymal.config import tiny, full
+from anymal.llm import load_llm
+from anymal.model import AnyMAL, describe, position_ids
+
+IMG, PAD, EOS = 5, 0, 2
+
+def _batch(L: int, n_images=(1, 2, 3), seed: int = 0):
+    "Right-padded ids with `n * L` placeholders per sample, labels on each sample's last 4 tokens, random pixels."
+    g = torch.Generator().manual_seed(seed)
+    samples = [[1] + [IMG] * (n * L) + torch.randint(10, 500, (4 + n,), generator=g).tolist() for n in n_images]
+    T = max(map(len, samples))
+    ids = torch.tensor([s + [PAD] * (T - len(s)) for s in samples])
+    am = torch.tensor([[1] * len(s) + [0] * (T - len(s)) for s in samples])
+    labels = torch.full_like(ids, -100)
+    for b, s in enumerate(samples): labels[b, len(s) - 4:len(s)] = ids[b, len(s) - 4:len(s)]
+    return ids, am, labels, torch.randn(sum(n_images), 3, 64, 64, generator=g), None, list(n_images)
+
+def _build(cfg, stage, seed=0):
+    torch.manual_seed(seed)
+    return AnyMAL.build(cfg, stage=stage, image_token_id=IMG, pad_id=PAD, eos_id=EOS)
+
+def _step_changes(m, batch):
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1)  # every parameter offered to the optimizer
+    m.train(); m(*batch).loss.backward(); opt.step()
+    return {k for k, v in m.state_dict().items() if not torch.equal(v, before[k])}, before
+
+@pytest.fixture(scope="module")
+def tiny_llm_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("tiny-llama")
+    load_llm(tiny().llm).save_pretrained(d)
+    return str(d)
+
+def _nf4(path: str = ""):
+    cfg = tiny()
+    cfg.llm.path, cfg.llm.quant, cfg.llm.dtype = path, "nf4", "bfloat16"
+    return cfg
+
+def test_qlora_stage2_trains_only_bridge_and_lora(tiny_llm_dir):
+    m = _build(_nf4(tiny_llm_dir), stage=2)
+    assert type(m.decoder.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
+    batch = _batch(m.num_tokens)
+    changed, before = _step_changes(m, batch)
+    assert changed == {k for k in before if k.startswith("bridge.") or "lora_" in k}
+    assert any("lora_" in k for k in changed) and any(k.startswith("bridge.") for k in changed)
+
+def test_qlora_loss_matches_builtin_and_generates(tiny_llm_dir):
+    m = _build(_nf4(tiny_llm_dir), stage=2).eval()
+    ids, am, labels, pix, _, n = _batch(m.num_tokens)
+    with torch.no_grad():
+        emb = m.embed(ids, pixels=pix, n_images=n)
+        assert emb.dtype == torch.bfloat16  # latents are cast to the LLM's dtype when spliced
+        ref = m.llm(inputs_embeds=emb, attention_mask=am, position_ids=position_ids(am), labels=labels).loss
+        assert torch.allclose(m(ids, am, labels, pixels=pix, n_images=n).loss, ref.float(), atol=1e-2)
+    n0 = int(am[0].sum()) - 4  # sample 0 without its answer, left-padded by 3
+    prompt = torch.cat([torch.full((1, 3), PAD), ids[:1, :n0]], 1)
+    pam = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones(1, n0, dtype=torch.long)], 1)
+    out = m.generate(prompt, pam, pixels=pix[:1], n_images=[1], max_new_tokens=4)
+    assert len(out) == 1 and len(out[0]) <= 4 and all(0 <= t < 512 for t in out[0])
+
+def test_random_nf4_without_checkpoint():
+    m = _build(_nf4(""), stage=2)
+    assert type(m.decoder.layers[-1].mlp.down_proj.base_layer).__name__ == "Linear4bit"
+    loss = m(*_batch(m.num_tokens)).loss
+    assert torch.isfinite(loss)
+
+def test_grad_ckpt_same_loss_and_grads():
+    cfg_ck = tiny(); cfg_ck.llm.grad_ckpt = True
+    a, b = _build(tiny(), stage=2), _build(cfg_ck, stage=2)
+    b.load_state_dict(a.state_dict())
+    batch = _batch(a.num_tokens)
+    for m in (a, b): m.train(); m(*batch).loss.backward()
+    for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert na == nb and (pa.grad is None) == (pb.grad is None)
+        if pa.grad is not None: assert torch.allclose(pa.grad, pb.grad, atol=1e-6), na
+
+def test_trainable_state_dict_file_round_trip(tmp_path):
+    a = _build(tiny(), stage=2)
+    _step_changes(a, _batch(a.num_tokens))
+    torch.save(a.trainable_state_dict(), tmp_path / "trained.pt")
+    b = _build(tiny(), stage=2)  # same seed: same frozen parts
+    b.load_trainable_state_dict(torch.load(tmp_path / "trained.pt"))
+    batch = _batch(a.num_tokens, seed=1)
+    a.eval(); b.eval()
+    with torch.no_grad(): assert torch.equal(a(*batch).loss, b(*batch).loss)
+
+def test_describe_full_json():
+    d = json.loads(json.dumps(describe(full())))
+    assert abs(d["vision"]["params"] - 304e6) < 1e6 and d["vision"]["output"] == ["N", 257, 1024]
+    assert abs(d["llm"]["params"] - 8.03e9) < 1e7
+    assert d["bridge"]["params"] < 100e6 and d["bridge"]["output"] == ["N", 64, 4096]
+    assert d["total"]["trainable"] == {"stage1": d["bridge"]["params"], "stage2": d["bridge"]["params"] + d["lora"]["params"]}
+
+def test_with_tiny_tokenizer_end_to_end(tmp_path):
+    "The data side's tokenizer and chat encoding feed AnyMAL: ids and end ids come from the tokenizer."
+    from anymal.tokenizer import train_tokenizer, encode_chat, IMAGE_TOKEN, PAD_TOKEN, EOT, END
+    texts = ["a red circle left of a blue square", "two green triangles", "what colour is the circle? red"] * 20
+    tok = train_tokenizer(texts, vocab_size=512)
+    torch.manual_seed(0)
+    m = AnyMAL.build(tiny(), tok, stage=2)
+    assert m.image_token_id == tok.convert_tokens_to_ids(IMAGE_TOKEN) and m.pad_id == tok.convert_tokens_to_ids(PAD_TOKEN)
+    assert m.eos_ids[0] == tok.convert_tokens_to_ids(EOT) and tok.convert_tokens_to_ids(END) in m.eos_ids
+    msgs = [{"role": "user", "content": "<image>\n<image>\nwhat colour is the circle?"}, {"role": "assistant", "content": "red"}]
+    enc = encode_chat(tok, msgs, m.num_tokens)
+    assert enc["n_images"] == 2
+    ids, labels = torch.tensor([enc["input_ids"]]), torch.tensor([enc["labels"]])
+    pix = torch.randn(2, 3, 64, 64)
+    out = m(ids, torch.ones_like(ids), labels, pixels=pix, n_images=[2], sample_ids=["q1"])
+    assert torch.isfinite(out.loss) and out.n_targets == sum(l != -100 for l in enc["labels"]) - (enc["labels"][0] != -100)
+    prompt = encode_chat(tok, msgs[:1], m.num_tokens, add_generation_prompt=True)["input_ids"]
+    gen = m.generate(torch.tensor([prompt]), pixels=pix, n_images=[2], max_new_tokens=5)
+    assert len(gen[0]) <= 5 and not set(gen[0]) & set(m.eos_ids)
