@@ -24,6 +24,7 @@ from .checkpoint import (save_checkpoint, set_latest, latest_checkpoint, load_tr
 from .distributed import (Dist, init_distributed, close_distributed, all_reduce_sum, gather_objects, barrier,
                                 make_loader, batches_per_epoch)
 from .runlog import RunLogger, read_metrics
+from .modes import apply_mode, make_optimizer, mode_settings
 
 # %% auto #0
 __all__ = ['lr_factor', 'param_groups', 'build_optimizer', 'build_scheduler', 'forward_keys', 'to_inputs', 'real_tokens',
@@ -47,9 +48,9 @@ def param_groups(model: nn.Module, tc: TrainConfig) -> list[dict]:
     return [dict(name=g["name"], lr=g["lr"], names=[n for n, _ in g["named"]], params=[p for _, p in g["named"]])
             for g in groups if g["named"]]
 
-def build_optimizer(model: nn.Module, tc: TrainConfig) -> torch.optim.AdamW:
-    "AdamW over `param_groups(model, tc)`."
-    return torch.optim.AdamW(param_groups(model, tc), lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
+def build_optimizer(model: nn.Module, tc: TrainConfig) -> torch.optim.Optimizer:
+    "AdamW over `param_groups(model, tc)`, of the kind `tc.mode` picks (torch's, fused, or 8-bit: `anymal.modes`)."
+    return make_optimizer(param_groups(model, tc), tc, mode_settings(tc).optim)
 
 def build_scheduler(opt: torch.optim.Optimizer, tc: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
     "Warm-up + cosine (`lr_factor`) for every group, each from its own peak LR."
@@ -101,6 +102,7 @@ class Trainer:
         self.out = Path(self.tc.out_dir); self.ckdir = self.out / "checkpoints"
         self.raw = model
         if any(p.device != self.d.device for p in model.parameters()): model.to(self.d.device)
+        self.mode = apply_mode(model, cfg, self.d.device)  # train.mode's memory/speed levers (anymal.modes)
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.model = self.raw
         if self.d.ddp:
@@ -215,6 +217,10 @@ def restore(self: Trainer, ckpt) -> None:
     if changed: warnings.warn("resuming with a changed train config: " + "; ".join(changed))
     saved, ours = [g["names"] for g in st["optimizer"]["param_groups"]], [g["names"] for g in self.opt.param_groups]
     if saved != ours: raise CheckpointMismatch(f"optimizer state of {ckpt} is for parameter groups {saved}, the model has {ours}")
+    kinds = [{g.get("optim", "adamw") for g in o} for o in (st["optimizer"]["param_groups"], self.opt.param_groups)]
+    if kinds[0] != kinds[1]:  # 8-bit moments cannot be read as fp32 ones (nor the reverse)
+        raise CheckpointMismatch(f"optimizer state of {ckpt} is {sorted(kinds[0])}, train.mode={self.tc.mode!r} uses "
+                                 f"{sorted(kinds[1])}: resume in the mode the run was started with")
     self.opt.load_state_dict(st["optimizer"]); self.sched.load_state_dict(st["scheduler"])
     self.p = Progress(**st["progress"])
     if st["world"] == self.d.world: set_rng_state(st["rng"][self.d.rank])
