@@ -1,0 +1,102 @@
+"""Stage recipes end to end: the stage-2 guard, a short stage 1 -> stage 2 chain that learns, and `anymal train`."""
+import json, os, subprocess, sys
+from pathlib import Path
+import pytest
+from anymal.config import tiny, override
+from anymal.world import generate_world, iter_world_text
+from anymal.tokenizer import train_tokenizer
+
+# a small world and very short pretraining: the point is the plumbing and the direction of the loss
+SMALL = ["data.world_images=240", "data.world_val_images=48", "pretrain.clip_steps=3", "pretrain.clip_batch=32",
+         "pretrain.lm_steps=20", "pretrain.lm_batch=8", "pretrain.lm_block=128", "train.batch_size=16",
+         "train.eval_every=10", "train.eval_batches=2", "train.log_every=2", "train.save_every=10"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    "A small shapes world + tokenizer, and a private pretraining cache for this module."
+    root = tmp_path_factory.mktemp("world")
+    cfg = override(tiny(), SMALL)
+    generate_world(root, cfg)
+    train_tokenizer(iter_world_text(root), cfg.llm.vocab_size, root / "tokenizer")
+    cache = tmp_path_factory.mktemp("cache")
+    old = os.environ.get("ANYMAL_CACHE"); os.environ["ANYMAL_CACHE"] = str(cache)
+    yield root
+    if old is None: os.environ.pop("ANYMAL_CACHE", None)
+    else: os.environ["ANYMAL_CACHE"] = old
+
+
+def _sets(world, out, *extra):
+    return [*SMALL, f"data.root={world}", f"train.out_dir={out}", *extra]
+
+
+def _train_losses(run) -> list[float]:
+    rows = [json.loads(l) for l in (Path(run) / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    return [r["loss"] for r in rows if r["split"] == "train"]
+
+
+def test_stage2_refuses_random_resampler(world, tmp_path):
+    from anymal.stages import StageError, stage_config, train
+    cfg = stage_config(tiny(), 2, _sets(world, tmp_path / "s2", "train.init_from="))
+    with pytest.raises(StageError, match="random resampler"): train(cfg, progress=False)
+    assert not (tmp_path / "s2").exists()  # refused before writing anything
+
+
+def test_stage1_then_stage2_learns(world, tmp_path):
+    from anymal.stages import stage_config, train
+    from anymal.checkpoint import read_meta
+    s1 = train(stage_config(tiny(), 1, _sets(world, tmp_path / "s1", "train.steps=30", "train.lr=3e-3")), progress=False)
+    l1 = _train_losses(tmp_path / "s1")
+    assert l1[-1] < 0.8 * l1[0], l1
+    s2 = train(stage_config(tiny(), 2, _sets(world, tmp_path / "s2", "train.steps=30", f"train.init_from={tmp_path / 's1'}")),
+               progress=False)
+    l2 = _train_losses(tmp_path / "s2")
+    assert l2[-1] < 0.8 * l2[0], l2
+    m1, m2 = read_meta(s1), read_meta(s2)
+    assert (m1["stage"], m2["stage"]) == (1, 2)
+    assert not any("lora_" in k for k in m1["arch"]["tensors"]) and any("lora_" in k for k in m2["arch"]["tensors"])
+    # the stages ran on the cached tiny CLIP and LLaMA, not random ones
+    assert m2["config"]["vision"]["pretrained"].endswith("clip.safetensors") and m2["config"]["llm"]["path"]
+
+
+def test_stage2_starts_from_stage1(world, tmp_path):
+    "Stage 2 at LR 0 for one step ends with exactly the resampler stage 1 wrote."
+    import torch
+    from safetensors.torch import load_file
+    from anymal.stages import stage_config, train
+    s1 = train(stage_config(tiny(), 1, _sets(world, tmp_path / "s1", "train.steps=3")), progress=False)
+    s2 = train(stage_config(tiny(), 2, _sets(world, tmp_path / "s2", "train.steps=1", "train.lr=0", "train.lora_lr=0",
+                                             "train.warmup=0", f"train.init_from={tmp_path / 's1'}")), progress=False)
+    w1, w2 = load_file(str(s1 / "trainable.safetensors")), load_file(str(s2 / "trainable.safetensors"))
+    assert w1 and set(w1) < set(w2)
+    for k, v in w1.items(): assert torch.equal(w2[k], v), k
+
+
+def _cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "anymal.cli", *args], capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_cli_train_and_resume(world, tmp_path):
+    env = dict(os.environ)
+    out = tmp_path / "cli1"
+    sets = [a for s in _sets(world, out, "train.steps=4") for a in ("--set", s)]
+    r = _cli("train", "--preset", "tiny", "--stage", "1", "--no-progress", *sets, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["stage"] == 1 and Path(res["final"], "meta.json").exists()
+    # --resume continues the same run to a larger step count
+    sets = [a for s in _sets(world, out, "train.steps=6") for a in ("--set", s)]
+    r = _cli("train", "--stage", "1", "--resume", "--no-progress", *sets, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    steps = [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines() if json.loads(l)["split"] == "train"]
+    assert steps == sorted(steps) and steps[-1] == 6
+    # without --resume an existing run is not overwritten
+    r = _cli("train", "--stage", "1", "--no-progress", *sets, env=env)
+    assert r.returncode != 0 and "resume" in r.stderr
+
+
+def test_cli_stage2_guard(world, tmp_path):
+    sets = [a for s in _sets(world, tmp_path / "x", "train.init_from=") for a in ("--set", s)]
+    r = _cli("train", "--stage", "2", "--no-progress", *sets, env=dict(os.environ))
+    assert r.returncode == 1 and "random resampler" in r.stderr and "allow_random_resampler" in r.stderr
+    assert "Traceback" not in r.stderr  # a user mistake is one line, not a stack
