@@ -76,7 +76,7 @@ def cache_key(kind: str, # "clip" or "llm"
     "`<kind>-<hash>` of the config sections, world, tokenizer and code version that decide a pretrained part."
     d = to_dict(cfg)
     shape = {k: d["vision"][k] for k in VISION_SHAPE} if kind == "clip" else {k: d["llm"][k] for k in LLM_SHAPE}
-    pre = {k: v for k, v in d["pretrain"].items() if k.startswith(kind[:2] + "_") or k in ("warmup",)}
+    pre = {k: v for k, v in d["pretrain"].items() if k.startswith({"clip": "clip_", "llm": "lm_"}[kind]) or k in ("warmup",)}
     tok = hashlib.sha256((Path(tokenizer_dir) / "tokenizer.json").read_bytes()).hexdigest()[:16]
     what = dict(kind=kind, version=PRETRAIN_VERSION, shape=shape, pretrain=pre, seed=cfg.train.seed,
                 world=world_fingerprint(world_root), tokenizer=tok, prompts=[cfg.data.stage1_prompt, cfg.data.vqa_prompt])
