@@ -14,8 +14,8 @@ $(STAMP): pyproject.toml
 	@command -v java >/dev/null || echo "note: no Java found: caption metrics need a JRE (apt-get install default-jre-headless)"
 	touch $(STAMP)
 
-demo: setup           ## the tiny pipeline end to end: world, tiny CLIP/LLaMA, stage 1, stage 2, evaluation
-	$(BIN)/anymal demo
+demo: setup           ## the tiny pipeline end to end: world, tiny CLIP/LLaMA, stage 1, stage 2, evaluation; then accuracy against time
+	$(BIN)/anymal demo --curve
 
 test: setup           ## notebooks clean + anymal/ in sync + every notebook executed + pytest
 	BIN=$(BIN) bash tools/test.sh

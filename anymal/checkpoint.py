@@ -171,6 +171,8 @@ def load_trainable(model: nn.Module, path, cfg: Config | None = None, missing_ok
     "Check that checkpoint `path` fits `model` (and `cfg`), then load its trained tensors; returns its meta."
     path = resolve_checkpoint(path); meta = read_meta(path)
     problems, notes = config_differences(meta["arch"]["config"], cfg) if cfg is not None else ([], [])
+    if not any("lora_" in n for n in meta["arch"]["tensors"]):  # e.g. a stage-1 checkpoint: stage 2 may choose any LoRA
+        problems = [p for p in problems if not p.startswith("lora.")]
     problems += tensor_differences(meta["arch"]["tensors"], model, missing_ok)
     if problems:
         shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])

@@ -9,16 +9,16 @@ from __future__ import annotations
 import argparse, hashlib, json, os, time
 from pathlib import Path
 import torch
-from .config import Config, ConfigError, add_config_args, preset, from_json, override, to_dict
+from .config import Config, ConfigError, add_config_args, preset, from_dict, from_json, override, tiny, to_dict
 from .eval import evaluate_vqa
-from .plots import plot_curves, plot_accuracy
+from .plots import plot_curves, plot_accuracy, plot_accuracy_curve
 from .pretrain import with_pretrained, world_fingerprint
 from .stages import stage_config, train
 from .tokenizer import train_tokenizer
 from .world import generate_world, iter_world_text
 
 # %% auto #0
-__all__ = ['make_world', 'MemoEncoder', 'vqa_eval', 'demo', 'demo_main']
+__all__ = ['LESSON_SETS', 'make_world', 'lesson_config', 'MemoEncoder', 'vqa_eval', 'demo', 'accuracy_curve', 'demo_main']
 
 # %% ../nbs/13_demo.ipynb #e08a7172
 def make_world(cfg: Config, root) -> Config:
@@ -30,6 +30,17 @@ def make_world(cfg: Config, root) -> Config:
     generate_world(root, cfg)
     train_tokenizer(iter_world_text(root), cfg.llm.vocab_size, root / "tokenizer")
     return cfg
+
+# %% ../nbs/13_demo.ipynb #8f4b1177
+LESSON_SETS = ["data.world_images=1000", "data.world_val_images=150",  # a quarter of the demo's world
+               "pretrain.clip_steps=60", "pretrain.clip_batch=128", "pretrain.lm_steps=120", "pretrain.lm_batch=16"]
+
+def lesson_config(root, # where the lesson's world goes
+                  pretrained: bool = True, # also fill in the (cached) tiny CLIP and LLaMA
+                  sets=()) -> Config: # further overrides
+    "The tiny config the lessons share: `LESSON_SETS` over `tiny()`, its world at `root`, optionally pretrained parts."
+    cfg = make_world(override(tiny(), [*LESSON_SETS, *sets]), root)
+    return with_pretrained(cfg, progress=False) if pretrained else cfg
 
 # %% ../nbs/13_demo.ipynb #c42a7d91
 class MemoEncoder(torch.nn.Module):
@@ -104,10 +115,35 @@ def demo(base: Config, # a preset: the stage recipes apply to it, then `sets`
                heldout_per_type=ev["heldout"]["perQuestionType"] if heldout else None,
                n_questions=ev["test"]["counts"]["overall"], seconds=round(time.time() - t0, 1),
                cpu_seconds=round(time.process_time(), 1), phase_seconds=times,
-               torch_threads=torch.get_num_threads(), load_average=os.getloadavg(),
+               torch_threads=torch.get_num_threads(), load_average=os.getloadavg(), started_at=t0,
                checkpoints={f"stage{s}": str(r / "final") for s, r in runs.items()}, config=to_dict(cfg))
     (out / "results.json").write_text(json.dumps(res, indent=1))
     return res
+
+# %% ../nbs/13_demo.ipynb #2ba023d2
+def accuracy_curve(out, # a finished `demo` folder (with results.json)
+                   limit: int | None = 600, # the first `limit` test questions at every checkpoint
+                   progress: bool = True) -> list[dict]:
+    "VQA accuracy of every stage-2 checkpoint against demo wall time: `<out>/curve.jsonl` and `accuracy_vs_time.png`."
+    out = Path(out)
+    res = json.loads((out / "results.json").read_text())
+    if "started_at" not in res: raise ValueError(f"{out / 'results.json'} has no started_at: re-run the demo with this version")
+    cfg, rows = from_dict(res["config"]), []
+    ckpts = sorted((out / "stage2" / "checkpoints").glob("step-*"))
+    if not ckpts: raise FileNotFoundError(f"no stage-2 checkpoints under {out / 'stage2' / 'checkpoints'}")
+    from anymal.infer import Assistant
+    for ck in ckpts:
+        a = Assistant.from_checkpoint(ck, device="cpu"); a.model.encoder = MemoEncoder(a.model.encoder)
+        r, b = (vqa_eval(ck, cfg, "test", control, limit, assistant=a) for control in ("none", "blank"))
+        rows.append(dict(step=int(ck.name.split("-")[1]), seconds=round((ck / "meta.json").stat().st_mtime - res["started_at"], 1),
+                         vqa_accuracy=r["overall"], blind_vqa_accuracy=b["overall"], per_type=r["perQuestionType"],
+                         n_questions=r["counts"]["overall"], image=r, blank=b))
+        if progress: print(f"[curve] step {rows[-1]['step']}: {rows[-1]['vqa_accuracy']:.1f}% at {rows[-1]['seconds']:.0f} s", flush=True)
+    with open(out / "curve.jsonl", "w") as f:
+        for row in rows: f.write(json.dumps({k: v for k, v in row.items() if k not in ("image", "blank")}) + "\n")
+    plot_accuracy_curve({"image": [(r["seconds"], r["image"]) for r in rows], "blank image": [(r["seconds"], r["blank"]) for r in rows]},
+                        save=out / "accuracy_vs_time.png", xlabel="seconds since the demo started")
+    return rows
 
 # %% ../nbs/13_demo.ipynb #e4b412ad
 def demo_main(argv: list[str] | None = None) -> int:
@@ -119,6 +155,8 @@ def demo_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-heldout", action="store_true", help="skip the held-out combination evaluation")
     ap.add_argument("--eval-limit", type=int, default=None, help="evaluate only the first N questions")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--curve", action="store_true", help="afterwards, evaluate every stage-2 checkpoint: accuracy against time")
+    ap.add_argument("--curve-limit", type=int, default=600, help="test questions per checkpoint for --curve (default 600)")
     ap.add_argument("--no-progress", action="store_true")
     args = add_config_args(ap).parse_args(argv)
     if args.threads: torch.set_num_threads(args.threads)
@@ -126,5 +164,8 @@ def demo_main(argv: list[str] | None = None) -> int:
     if override(base, args.sets).data.world_images <= 0: ap.error("this config has no shapes world (data.world_images=0): the demo is tiny scale")
     res = demo(base, args.out, args.sets, {1: args.stage1, 2: args.stage2}, not args.no_heldout, args.eval_limit, not args.no_progress)
     keys = ("vqa_accuracy", "blind_vqa_accuracy", "per_type", "heldout_vqa_accuracy", "n_questions", "seconds", "cpu_seconds", "phase_seconds")
-    print(json.dumps({k: res[k] for k in keys}))
+    print(json.dumps({k: res[k] for k in keys}), flush=True)
+    if args.curve:
+        for row in accuracy_curve(args.out, args.curve_limit, not args.no_progress):
+            print(json.dumps({"curve": {k: row[k] for k in ("step", "seconds", "vqa_accuracy", "blind_vqa_accuracy", "per_type")}}))
     return 0

@@ -161,8 +161,9 @@ def plot_accuracy(results, by: str = "perQuestionType", save=None) -> Figure:
 
 def plot_accuracy_curve(points, # [(step, result), ...] or {name: [(step, result), ...]}
                         key: str = "overall", # "overall", or a question/answer type
-                        save=None) -> Figure:
-    "Accuracy (%) against training step for one or several series of evaluated checkpoints."
+                        save=None,
+                        xlabel: str = "step") -> Figure: # e.g. "seconds" when the points are (time, result)
+    "Accuracy (%) against training step (or time) for one or several series of evaluated checkpoints."
     series = points if isinstance(points, dict) else {"accuracy": points}
     def val(r):
         if key == "overall": return r["overall"]
@@ -173,7 +174,7 @@ def plot_accuracy_curve(points, # [(step, result), ...] or {name: [(step, result
     for c, (name, pts) in enumerate(series.items()):
         pts = sorted(pts, key=lambda p: p[0])
         ax.plot([s for s, _ in pts], [val(r) for _, r in pts], marker="o", color=f"C{c}", label=name)
-    ax.set_xlabel("step"); ax.set_ylabel(f"VQA accuracy (%), {key}"); ax.grid(alpha=0.3); ax.legend(fontsize=8)
+    ax.set_xlabel(xlabel); ax.set_ylabel(f"VQA accuracy (%), {key}"); ax.grid(alpha=0.3); ax.legend(fontsize=8)
     fig.tight_layout()
     if save is not None: fig.savefig(save, dpi=100, bbox_inches="tight")
     return fig

@@ -29,7 +29,8 @@ STAGE_RECIPES = {
     "full": {1: ["train.out_dir=runs/full/stage1", "train.lr=2e-4"],
              2: ["train.out_dir=runs/full/stage2", "train.init_from=runs/full/stage1", "train.lr=1e-5", "train.lora_lr=1e-5"]},
     "tiny": {1: ["train.out_dir=runs/tiny/stage1"],
-             2: ["train.out_dir=runs/tiny/stage2", "train.init_from=runs/tiny/stage1"]},
+             2: ["train.out_dir=runs/tiny/stage2", "train.init_from=runs/tiny/stage1", "train.steps=2000",
+                 "train.lr=2e-3", "train.lora_lr=2e-3", "train.save_every=250"]},
 }
 
 def stage_config(cfg: Config, # a preset (or any config whose `preset` names a recipe)

@@ -5,7 +5,7 @@ from pathlib import Path
 # a small world, short pretraining and stages: minutes of the full demo become about a minute
 REDUCED = ["data.world_images=400", "data.world_val_images=60", "pretrain.clip_steps=5", "pretrain.clip_batch=64",
            "pretrain.lm_steps=60", "pretrain.lm_batch=16", "pretrain.lm_block=128", "train.batch_size=32",
-           "train.eval_every=50", "train.eval_batches=2", "train.log_every=5"]
+           "train.eval_every=50", "train.eval_batches=2", "train.log_every=5", "train.save_every=40"]
 STAGES = ["--stage1", "train.steps=40", "--stage2", "train.steps=120"]
 
 
@@ -14,11 +14,12 @@ def test_reduced_demo(tmp_path):
     out = tmp_path / "demo"
     t0 = time.time()
     r = subprocess.run([sys.executable, "-m", "anymal.cli", "demo", "--out", str(out), "--no-progress", "--eval-limit", "300",
-                        *[a for s in REDUCED for a in ("--set", s)], *STAGES],
+                        "--curve", "--curve-limit", "100", *[a for s in REDUCED for a in ("--set", s)], *STAGES],
                        capture_output=True, text=True, env=env, timeout=600)
     print(f"reduced demo: {time.time() - t0:.0f} s")  # wall time is reported, not asserted: timings belong in benchmarks
     assert r.returncode == 0, r.stderr[-3000:]
-    line = json.loads(r.stdout.strip().splitlines()[-1])
+    lines = [json.loads(l) for l in r.stdout.strip().splitlines() if l.startswith("{")]
+    line, curve = lines[0], [l["curve"] for l in lines[1:]]
     for k in ("vqa_accuracy", "blind_vqa_accuracy", "per_type", "heldout_vqa_accuracy", "seconds"): assert k in line, k
     assert set(line["per_type"]) == {"color", "shape", "count", "position", "exists"}
     res = json.loads((out / "results.json").read_text())
@@ -30,3 +31,9 @@ def test_reduced_demo(tmp_path):
     assert {"train", "val"} <= {r["split"] for r in rows}
     # the model uses the image: the same model shown a blank image does worse
     assert line["vqa_accuracy"] > line["blind_vqa_accuracy"], line
+    # --curve: every stage-2 checkpoint evaluated, placed at the demo time it was written
+    assert [c["step"] for c in curve] == [40, 80, 120], curve
+    secs = [c["seconds"] for c in curve]
+    assert secs == sorted(secs) and res["phase_seconds"]["stage1"] < secs[0] <= secs[-1] <= res["phase_seconds"]["stage2"] + 1, (secs, res["phase_seconds"])
+    assert all(0 <= c["vqa_accuracy"] <= 100 for c in curve)
+    assert len((out / "curve.jsonl").read_text().splitlines()) == 3 and (out / "accuracy_vs_time.png").stat().st_size > 5000

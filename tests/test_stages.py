@@ -61,13 +61,13 @@ def test_stage1_then_stage2_learns(world, tmp_path):
 
 
 def test_stage2_starts_from_stage1(world, tmp_path):
-    "Stage 2 at LR 0 for one step ends with exactly the resampler stage 1 wrote."
+    "Stage 2 at LR 0 for one step ends with exactly the resampler stage 1 wrote, whatever LoRA rank stage 2 chooses."
     import torch
     from safetensors.torch import load_file
     from anymal.stages import stage_config, train
     s1 = train(stage_config(tiny(), 1, _sets(world, tmp_path / "s1", "train.steps=3")), progress=False)
     s2 = train(stage_config(tiny(), 2, _sets(world, tmp_path / "s2", "train.steps=1", "train.lr=0", "train.lora_lr=0",
-                                             "train.warmup=0", f"train.init_from={tmp_path / 's1'}")), progress=False)
+                                             "train.warmup=0", "lora.r=4", f"train.init_from={tmp_path / 's1'}")), progress=False)
     w1, w2 = load_file(str(s1 / "trainable.safetensors")), load_file(str(s2 / "trainable.safetensors"))
     assert w1 and set(w1) < set(w2)
     for k, v in w1.items(): assert torch.equal(w2[k], v), k
