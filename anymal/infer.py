@@ -142,8 +142,9 @@ class Chat:
     "A multi-turn conversation with an `Assistant`; images join the turn they are attached to."
     def __init__(self, assistant: Assistant, images: Sequence = (), # images for the first question
                  system: str | None = None, # an optional system message
+                 suffix: str = "", # appended to every question, e.g. "\n" + the short-answer instruction
                  **gen): # generation settings for every turn (see `Assistant.generate`)
-        self.assistant, self.system, self.gen = assistant, system, gen
+        self.assistant, self.system, self.suffix, self.gen = assistant, system, suffix, gen
         self.start = [open_image(im) for im in images]
         self.reset()
 
@@ -157,7 +158,7 @@ class Chat:
 
     def send(self, text: str) -> str:
         "Ask `text` (with the pending images) in the context of the conversation so far; return the reply."
-        msg = user_message(text, len(self.pending))
+        msg = user_message(text + self.suffix, len(self.pending))
         head = [dict(role="system", content=self.system)] if self.system else []
         reply = self.assistant.generate([head + self.messages + [msg]], [self.images + self.pending], **self.gen)[0]
         self.messages += [msg, dict(role="assistant", content=reply)]
@@ -222,6 +223,8 @@ def _chat_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", action="append", default=[], metavar="PATH", help="an image for the first question (repeatable)")
     p.add_argument("--prompt", default=None, help="ask this, print the answer and exit (default: interactive)")
     p.add_argument("--system", default=None, help="a system message")
+    p.add_argument("--short", action="store_true",
+                   help="append the checkpoint's short-answer instruction (data.vqa_prompt) to every question, as in VQA")
     p.add_argument("--max-new-tokens", type=int, default=128, help="answer length limit (tokens)")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; >0: sampling")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
@@ -239,7 +242,8 @@ def chat_main(argv: list[str] | None = None) -> int:
         asst = Assistant.from_checkpoint(a.checkpoint, a.device, a.sets)
         m = asst.meta
         print(f"loaded {a.checkpoint} (stage {m.get('stage', '?')}, step {m.get('step', '?')}) on {asst.device}", file=sys.stderr)
-        chat = Chat(asst, images, a.system, max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, seed=a.seed)
+        suffix = "\n" + asst.cfg.data.vqa_prompt if a.short else ""
+        chat = Chat(asst, images, a.system, suffix, max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, seed=a.seed)
         if a.prompt is not None: print(chat.send(a.prompt), flush=True); return 0
         return _repl(chat)
     except (FileNotFoundError, InputError, BadRecord, ConfigError, CheckpointMismatch) as e:

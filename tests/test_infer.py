@@ -102,6 +102,12 @@ def test_chat_one_shot_subprocess(trained):
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == trained["asst"].ask([trained["image"](q)], q["question"], max_new_tokens=16)
     assert r.stdout.strip() and f"step {STEPS}" in r.stderr
+    # --short: the question as VQA asks it, with the short-answer instruction the model was trained with
+    r = run_cli("chat", "--checkpoint", trained["run"], "--image", trained["image"](q), "--prompt", q["question"], "--short",
+                "--max-new-tokens", "16")
+    assert r.returncode == 0, r.stderr[-2000:]
+    vqa = f"{q['question']}\n{trained['asst'].cfg.data.vqa_prompt}"
+    assert r.stdout.strip() == trained["asst"].ask([trained["image"](q)], vqa, max_new_tokens=16)
 
 
 def test_chat_interactive_stdin(trained):
