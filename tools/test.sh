@@ -28,8 +28,12 @@ fi
 step "library notebooks (nbdev-test nbs)"
 # 2 notebooks at a time on 2 cores: one thread each, or they thrash (a tiny matmul goes from 0.01 ms to 20 ms)
 OMP_NUM_THREADS=1 "$BIN/nbdev-test" nbs --timing
-step "lessons (nbdev-test lessons)"
-if compgen -G "lessons/[!_]*.ipynb" >/dev/null; then OMP_NUM_THREADS=1 "$BIN/nbdev-test" lessons --timing; else echo "no lessons yet"; fi
+step "lessons (nbdev-test, executed copies with their plots saved under runs/lessons/)"
+if compgen -G "lessons/[!_]*.ipynb" >/dev/null; then
+  # run copies, not the sources: --save writes each executed notebook (outputs and figures) back to its copy
+  rm -rf runs/lessons && mkdir -p runs/lessons && cp lessons/[!_]*.ipynb runs/lessons/
+  OMP_NUM_THREADS=1 "$BIN/nbdev-test" runs/lessons --timing --save
+else echo "no lessons yet"; fi
 
 step "pytest"
 "$BIN/pytest" -q tests   # exit 5 (no tests collected) fails too
