@@ -6,7 +6,7 @@ Docs: https://anymal-course.github.io/anymal/train.html.md"""
 
 # %% ../nbs/09_train.ipynb #5d81fef7
 from __future__ import annotations
-import inspect, math, random, time, warnings
+import gc, inspect, math, random, time, warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, asdict
 from functools import partial
@@ -278,7 +278,10 @@ def run(self: Trainer, resume: bool = False, progress: bool = True, on_step: Cal
             if on_step is not None: on_step(self.p.step, m)
         return self.save_final()
     finally:
-        bar.close(); log.close(); close_distributed(d)
+        bar.close(); log.close()
+        if d.ddp:  # free the DDP wrapper (its reducer holds the process group) before leaving the group, not at exit
+            self.model, self.batches = self.raw, None; gc.collect()
+        close_distributed(d)
 
 @patch
 def save_final(self: Trainer) -> Path:
