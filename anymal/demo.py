@@ -18,7 +18,8 @@ from .tokenizer import train_tokenizer
 from .world import generate_world, iter_world_text
 
 # %% auto #0
-__all__ = ['LESSON_SETS', 'make_world', 'lesson_config', 'MemoEncoder', 'vqa_eval', 'demo', 'accuracy_curve', 'demo_main']
+__all__ = ['LESSON_SETS', 'make_world', 'lesson_config', 'MemoEncoder', 'memo_assistant', 'vqa_eval', 'demo', 'accuracy_curve',
+           'demo_main']
 
 # %% ../nbs/13_demo.ipynb #e08a7172
 def make_world(cfg: Config, root) -> Config:
@@ -57,14 +58,21 @@ class MemoEncoder(torch.nn.Module):
             for i, f in zip(new, self.encoder(pixels[new])): self.memo[keys[i]] = f
         return torch.stack([self.memo[k] for k in keys])
 
+def memo_assistant(checkpoint):
+    "An `anymal.infer.Assistant` for `checkpoint` (run folder or checkpoint) whose encoder remembers each image."
+    from anymal.infer import Assistant
+    a = Assistant.from_checkpoint(checkpoint, device="cpu")
+    a.model.encoder = MemoEncoder(a.model.encoder)
+    return a
+
 # %% ../nbs/13_demo.ipynb #9648a4b6
 def vqa_eval(run, # a stage-2 run folder (or checkpoint)
              cfg: Config, # for the data paths and the VQA instruction
              split: str = "test", control: str = "none", limit: int | None = None, batch_size: int = 128,
              out_dir=None, assistant=None) -> dict:
     "Official VQA accuracy of checkpoint `run` on the world's `split` (optionally under a control)."
-    from anymal.infer import Assistant, make_answer_fn
-    a = assistant or Assistant.from_checkpoint(run, device="cpu")
+    from anymal.infer import make_answer_fn
+    a = assistant or memo_assistant(run)
     a.transform = a.model.encoder.preprocess  # exactly the training transform (the encoder's own)
     root = Path(cfg.data.root)
     out = None if out_dir is None else Path(out_dir) / f"vqa_{split}_{control}.json"
@@ -101,9 +109,7 @@ def demo(base: Config, # a preset: the stage recipes apply to it, then `sets`
         extra = [f"train.out_dir={out / f'stage{s}'}"] + ([f"train.init_from={runs[1]}"] if s == 2 else [])
         c = stage_config(base, s, [*sets, *extra, *stage_sets.get(s, [])])
         train(c, progress=progress); runs[s] = Path(c.train.out_dir); _phase(f"stage{s}", t0, times, progress)
-    from anymal.infer import Assistant
-    a = Assistant.from_checkpoint(runs[2], device="cpu")
-    a.model.encoder = MemoEncoder(a.model.encoder)
+    a = memo_assistant(runs[2])
     ev = {name: vqa_eval(runs[2], cfg, split, control, eval_limit, out_dir=out / "eval", assistant=a)
           for name, split, control in [("test", "test", "none"), ("blank", "test", "blank")] + ([("heldout", "heldout", "none")] if heldout else [])}
     _phase("eval", t0, times, progress)
@@ -131,9 +137,8 @@ def accuracy_curve(out, # a finished `demo` folder (with results.json)
     cfg, rows = from_dict(res["config"]), []
     ckpts = sorted((out / "stage2" / "checkpoints").glob("step-*"))
     if not ckpts: raise FileNotFoundError(f"no stage-2 checkpoints under {out / 'stage2' / 'checkpoints'}")
-    from anymal.infer import Assistant
     for ck in ckpts:
-        a = Assistant.from_checkpoint(ck, device="cpu"); a.model.encoder = MemoEncoder(a.model.encoder)
+        a = memo_assistant(ck)
         r, b = (vqa_eval(ck, cfg, "test", control, limit, assistant=a) for control in ("none", "blank"))
         rows.append(dict(step=int(ck.name.split("-")[1]), seconds=round((ck / "meta.json").stat().st_mtime - res["started_at"], 1),
                          vqa_accuracy=r["overall"], blind_vqa_accuracy=b["overall"], per_type=r["perQuestionType"],
