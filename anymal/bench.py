@@ -220,6 +220,7 @@ def bench(cfg: Config, stages=(2,), modes=("small", "fast"), batches=(4,), steps
           gpu_mem_gib: float = 0) -> list[dict]:
     "Run the standard recipe and the asked modes (and levers) on random weights of `cfg`'s shapes; one dict per row."
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and dev.index is None: dev = torch.device("cuda", torch.cuda.current_device())  # the memory calls want an index
     if gpu_mem_gib and dev.type == "cuda":  # hold this process to part of a bigger card (e.g. 80 GiB of an H200)
         torch.cuda.set_per_process_memory_fraction(min(1.0, gpu_mem_gib * 2**30 / torch.cuda.get_device_properties(dev).total_memory), dev)
     emit, t_start = emit or (lambda rec: print(json.dumps(rec), flush=True)), time.perf_counter()
