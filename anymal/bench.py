@@ -15,9 +15,9 @@ import torch
 from .config import Config, ConfigError, add_config_args, config_from_args, override
 from .data import collate
 from .llm import random_llm
-from .modes import pack_samples, checkpointed_layers
+from .modes import pack_samples, checkpointed_layers, liger_unpatch
 from .recipes import (Recipe, BenchData, BenchAnyMAL, workload, goal_rows, lever_rows, build_form, snapshot,
-                            restore, row_mode, group_key, liger_patch, flops_per_token)
+                            restore, row_mode, group_key, flops_per_token)
 from .resampler import build_bridge
 from .train import Trainer
 from .vision import ImageEncoder
@@ -119,9 +119,8 @@ def run_row(r: Recipe, model: BenchAnyMAL, cfg: Config, dev, snap: dict, steps: 
     with tempfile.TemporaryDirectory() as out:
         _free(dev)
         t = Trainer(_row_config(cfg, r, warmup + steps, out), model, ds, collate_fn=coll, device=dev)
-        applied, undo = t.mode, None
+        applied = t.mode
         try:
-            if r.liger: undo = liger_patch(model.llm, cfg.llm.rms_eps)
             cuda = dev.type == "cuda"
             static = torch.cuda.memory_allocated(dev) if cuda else None
             if cuda: torch.cuda.reset_peak_memory_stats(dev)
@@ -138,7 +137,7 @@ def run_row(r: Recipe, model: BenchAnyMAL, cfg: Config, dev, snap: dict, steps: 
                        mfu=round(fpt * rec["tokens_per_s"] / 1e12 / peak_tflops, 4) if peak_tflops else None)
             if r.profile: rec["profile"] = profile_step(t, dev)
         finally:
-            if undo is not None: undo()
+            liger_unpatch(model.llm); model.ce_fn = None  # fast mode's kernels (RoPE is patched process-wide) end with the row
             if r.compile: torch._dynamo.reset()  # compiled code holds the layers: let the model go when its rows end
             t.opt.state.clear(); del t
     return rec
@@ -164,8 +163,6 @@ def profile_step(t: Trainer, dev, top: int = 8) -> dict:
 FORMS = ("hf", "plain")
 
 def _skip_reason(r: Recipe, dev) -> str | None:
-    if r.liger and (dev.type != "cuda" or importlib.util.find_spec("liger_kernel") is None):
-        return "skipped: Liger needs CUDA and liger_kernel"
     if r.compile and dev.type != "cuda": return "skipped: torch.compile is measured on GPUs only"
     return None
 
@@ -181,7 +178,7 @@ def _attempt(r: Recipe, *args, **kw) -> tuple:
 def guarded_row(r: Recipe, model, cfg, dev, snap, **kw) -> dict:
     "`run_row` that never raises; fast rows that run out of memory are retried with 1/2, then all, layers checkpointed."
     head = dict(kind="row", stage=r.stage, recipe=r.name, batch=r.batch, form=r.form, mode=r.mode, loss=r.loss,
-                varlen=r.varlen, pack=r.pack, lever=r.lever, liger=r.liger, compile=r.compile, base=r.base)
+                varlen=r.varlen, pack=r.pack, lever=r.lever, compile=r.compile, base=r.base)
     if (why := _skip_reason(r, dev)): return dict(head, status=why)
     tries = [r] + ([replace(r, lever={**r.lever, "ckpt": f}) for f in (0.5, 1.0)] if r.mode == "fast" and "ckpt" not in r.lever else [])
     failed = []
@@ -212,7 +209,7 @@ def compare(row: dict, rows: list, tol: float = 0.01) -> dict:
 def _ordered(stages, modes, batches, levers: bool, profile: bool) -> list:
     "Goal rows first (as planned), then lever rows grouped by stage and form (fewer model loads)."
     lv = lever_rows(stages, batches[0]) if levers else []
-    lv = sorted(lv, key=lambda r: (list(stages).index(r.stage), FORMS.index(r.form), group_key(r), r.liger or r.compile))
+    lv = sorted(lv, key=lambda r: (list(stages).index(r.stage), FORMS.index(r.form), group_key(r), r.compile))
     return goal_rows(stages, modes, batches, profile) + lv
 
 def bench(cfg: Config, stages=(2,), modes=("small", "fast"), batches=(4,), steps: int = 5, warmup: int = 2,

@@ -81,6 +81,7 @@ class AnyMAL(nn.Module):
         self.image_token_id, self.pad_id = image_token_id, pad_id
         self.eos_ids = [eos_id] if isinstance(eos_id, int) else list(eos_id)
         self.num_tokens, self.loss_chunk, self.stage = bridge.num_tokens, cfg.llm.loss_chunk, None
+        self.ce_fn = None  # a fused replacement for `chunked_ce` (same arguments and result), set by a training mode
 
     @property
     def decoder(self): return llm_parts(self.llm)[0]
@@ -120,7 +121,7 @@ def forward(self: AnyMAL, input_ids, attention_mask=None, labels=None, pixels=No
     emb = self.embed(input_ids, pixels, image_feats, n_images, sample_ids)
     h = self.decoder(inputs_embeds=emb, attention_mask=am, position_ids=position_ids(am), use_cache=False).last_hidden_state
     if labels is None: return AnyMALOutput(logits=self.lm_head(h))
-    loss, n = chunked_ce(h, labels, self.lm_head, self.loss_chunk)
+    loss, n = (self.ce_fn or chunked_ce)(h, labels, self.lm_head, self.loss_chunk)
     return AnyMALOutput(loss=loss, n_targets=n)
 
 # %% ../nbs/04_model.ipynb #8f793e1f

@@ -6,7 +6,7 @@ Docs: https://anymal-course.github.io/anymal/modes.html.md"""
 
 # %% ../nbs/14a_modes.ipynb #d59a85de
 from __future__ import annotations
-import math, types
+import importlib.util, math, types, warnings
 from dataclasses import dataclass, asdict
 import torch
 import torch.nn.functional as F
@@ -16,8 +16,8 @@ from .config import Config, LLMConfig, TrainConfig, ConfigError
 # %% auto #0
 __all__ = ['MODES', 'OPTIMIZERS', 'ModeSettings', 'mode_settings', 'make_optimizer', 'spread', 'set_checkpointing',
            'checkpointed_layers', 'act_bytes', 'auto_fraction', 'set_lora_dropout', 'OffloadedEmbedding',
-           'offload_embeddings', 'fuse_lora', 'unfuse_lora', 'dequantize_frozen', 'compile_blocks', 'apply_mode',
-           'pack_samples']
+           'offload_embeddings', 'fuse_lora', 'unfuse_lora', 'dequantize_frozen', 'liger_missing', 'liger_ce',
+           'liger_patch', 'liger_unpatch', 'compile_blocks', 'apply_mode', 'pack_samples']
 
 # %% ../nbs/14a_modes.ipynb #a7bb23fc
 @dataclass(frozen=True)
@@ -33,13 +33,14 @@ class ModeSettings:
     optim: str = "adamw"              # "adamw", "adamw_fused", "adamw8bit" or "paged_adamw8bit"
     encoder_bf16: bool = False        # cast the frozen CLIP to bf16 (CUDA only: CPU runs have no autocast)
     embed_offload: bool = False       # keep the frozen input embeddings in host memory (CUDA only)
+    kernels: str | None = None        # "liger": Liger-Kernel's RMSNorm, SwiGLU, RoPE and fused linear cross-entropy (CUDA only)
 
 MODES = {
     "standard": ModeSettings(),
     "small": ModeSettings(ckpt=1.0, loss_chunk=512, lora_dropout=0.0, lora_fused=True, optim="adamw8bit",
                           encoder_bf16=True, embed_offload=True),
     "fast": ModeSettings(ckpt="auto", loss_chunk=1024, lora_dropout=0.0, lora_fused=True, dequant_once=True,
-                         optim="adamw_fused", encoder_bf16=True),
+                         optim="adamw_fused", encoder_bf16=True, kernels="liger"),
 }
 OPTIMIZERS = ("adamw", "adamw_fused", "adamw8bit", "paged_adamw8bit")
 
@@ -194,6 +195,46 @@ def _free_budget(model: nn.Module, device: torch.device) -> float:
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return free - 12 * trained - 0.08 * total - 2 * 2**30
 
+def liger_missing(device) -> str | None:
+    "Why Liger-Kernel cannot run on `device`; `None` when it can."
+    if torch.device(device).type != "cuda": return "Liger-Kernel's Triton kernels need a CUDA device"
+    if importlib.util.find_spec("liger_kernel") is None: return "liger_kernel is not installed (pip install liger-kernel)"
+    return None
+
+def liger_ce(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, chunk: int = 0) -> tuple:
+    "What `anymal.model.chunked_ce` computes (mean next-token CE over supervised positions, their count), fused: no logits."
+    from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+    keep = labels[:, 1:] != -100  # (B, T-1)
+    h, y = hidden[:, :-1][keep], labels[:, 1:][keep]  # (S, D), (S,)
+    if y.numel() == 0: return hidden.sum() * 0.0, 0
+    return LigerFusedLinearCrossEntropyLoss()(head.weight, h, y).float(), y.numel()
+
+def liger_patch(llm: nn.Module, eps: float) -> int:
+    "Liger's RMSNorm and SwiGLU on `llm`'s modules, its RoPE in transformers' LLaMA (process-wide); how many modules."
+    from liger_kernel.transformers.monkey_patch import _patch_rms_norm_module, _patch_swiglu_module
+    from liger_kernel.transformers.swiglu import LigerSwiGLUMLP
+    from liger_kernel.transformers.rope import liger_rotary_pos_emb
+    from transformers.models.llama import modeling_llama
+    if getattr(llm, "_liger_undo", None): return 0  # already patched
+    dec = _base(llm).model
+    norms = [dec.norm] + [n for l in dec.layers for n in (l.input_layernorm, l.post_attention_layernorm)]
+    mlps = [l.mlp for l in dec.layers]
+    for n in norms: _patch_rms_norm_module(n, eps=eps)
+    for m in mlps: _patch_swiglu_module(m, LigerSwiGLUMLP)
+    rope, modeling_llama.apply_rotary_pos_emb = modeling_llama.apply_rotary_pos_emb, liger_rotary_pos_emb
+    def undo():
+        modeling_llama.apply_rotary_pos_emb = rope
+        for m in norms + mlps:
+            for k in ("forward", "_get_name"): m.__dict__.pop(k, None)
+    llm._liger_undo = undo
+    return len(norms) + len(mlps)
+
+def liger_unpatch(llm: nn.Module) -> bool:
+    "Undo `liger_patch` on `llm` (and the process-wide RoPE); whether there was anything to undo."
+    undo = llm.__dict__.pop("_liger_undo", None)
+    if undo: undo()
+    return undo is not None
+
 def compile_blocks(llm: nn.Module) -> int:
     "`torch.compile` every decoder layer in place; returns how many."
     layers = _layers(llm)
@@ -216,6 +257,14 @@ def apply_mode(model: nn.Module, cfg: Config, device=None) -> dict:
     if cuda and s.encoder_bf16 and getattr(model, "encoder", None) is not None:
         model.encoder.to(torch.bfloat16); done["encoder"] = "bfloat16"
     if cuda and s.embed_offload and llm is not None: offload_embeddings(llm); done["embeddings"] = "host"
+    if s.kernels == "liger" and llm is not None:
+        why = liger_missing(dev)
+        if why is None:
+            liger_patch(llm, cfg.llm.rms_eps); model.ce_fn = liger_ce; done["kernels"] = "liger"
+        else:
+            done["kernels"] = f"none ({why})"
+            if cuda: warnings.warn(f"train.mode={cfg.train.mode!r} runs without its fused kernels: {why}")
+    elif s.kernels not in (None, "liger"): raise ConfigError(f"kernels={s.kernels!r} in train.mode={cfg.train.mode!r}: choose None or 'liger'")
     if cfg.train.compile and llm is not None: done["compiled_layers"] = compile_blocks(llm)
     return done
 

@@ -13,12 +13,11 @@ from torch import nn
 from .config import Config, override
 from .llm import load_llm, build_llm, add_lora
 from .model import AnyMAL, AnyMALOutput, chunked_ce, position_ids as mask_positions
-from .modes import ModeSettings, MODES, unfuse_lora, _base, _layers
+from .modes import ModeSettings, MODES, unfuse_lora, liger_unpatch, _base, _layers
 
 # %% auto #0
 __all__ = ['Workload', 'BenchData', 'workload', 'Recipe', 'standard', 'goal_rows', 'lever_rows', 'row_settings', 'row_mode',
-           'build_form', 'liger_loss', 'BenchAnyMAL', 'snapshot', 'restore', 'group_key', 'liger_patch',
-           'linear_params', 'flops_per_token']
+           'build_form', 'BenchAnyMAL', 'snapshot', 'restore', 'group_key', 'linear_params', 'flops_per_token']
 
 # %% ../nbs/14b_recipes.ipynb #167db9a1
 @dataclass
@@ -66,12 +65,11 @@ class Recipe:
     stage: int
     form: str = "plain"     # "hf" (prepare_model_for_kbit_training) or "plain" (anymal's build_llm)
     mode: str = "standard"  # the train.mode the trainer applies
-    loss: str = "chunked"   # "hf" (the LLM's built-in loss, full logits), "chunked" (AnyMAL's), "liger" (fused linear CE)
+    loss: str = "chunked"   # "hf" (the LLM's built-in loss, full logits) or "chunked" (AnyMAL's; fused in fast mode)
     batch: int = 4
     varlen: bool = False    # samples of varied length (padded, unless `pack`)
     pack: bool = False      # padding-free packing (`anymal.modes.pack_samples`)
     lever: dict = field(default_factory=dict)  # ModeSettings fields set after the mode
-    liger: bool = False     # Liger's RMSNorm, SwiGLU and RoPE kernels
     compile: bool = False   # train.compile
     base: str = ""          # the row it is compared with ("": the standard row of its stage and batch)
     profile: bool = False   # profile one extra step (kernel time, top kernels)
@@ -109,7 +107,7 @@ def lever_rows(stages, b: int = 4) -> list[Recipe]:
             standard(s, b + b // 2, name="standard, varied lengths, padded", varlen=True),
             standard(s, b + b // 2, name="standard + packing, varied lengths", varlen=True, pack=True,
                      base="standard, varied lengths, padded"),
-            Recipe("fast + Liger kernels", s, mode="fast", loss="liger", liger=True, batch=b, base="fast"),
+            Recipe("fast without Liger kernels", s, mode="fast", lever=dict(kernels=None), batch=b, base="fast"),
             Recipe("fast + torch.compile", s, mode="fast", compile=True, batch=b, base="fast")]
         rows += [Recipe("anymal as built (train.mode=standard)", s, batch=b),
                  Recipe("small + ckpt offload", s, mode="small", lever=dict(ckpt=1.0, offload=True), batch=b, base="small"),
@@ -139,14 +137,8 @@ def build_form(cfg: Config, form: str, stage: int, device="cpu") -> nn.Module:
     llm = prepare_model_for_kbit_training(load_llm(cfg.llm, device))  # fp32 upcast, reentrant checkpointing
     return add_lora(llm, cfg.lora) if stage == 2 else llm
 
-def liger_loss(h: torch.Tensor, labels: torch.Tensor, head: nn.Module) -> torch.Tensor:
-    "Mean next-token CE over supervised positions with Liger's fused linear cross-entropy (no logits kept)."
-    from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
-    keep = labels[:, 1:] != -100
-    return LigerFusedLinearCrossEntropyLoss()(head.weight, h[:, :-1][keep], labels[:, 1:][keep])
-
 class BenchAnyMAL(AnyMAL):
-    "AnyMAL whose loss is the row's: 'hf' (the LLM's own, full logits), 'chunked' or 'liger'; packed rows too."
+    "AnyMAL whose loss is the row's: 'hf' (the LLM's own, full logits) or 'chunked' (AnyMAL's, fused if the mode says); packed rows too."
     loss_impl = "chunked"
     def forward(self, input_ids, attention_mask=None, labels=None, pixels=None, image_feats=None, n_images=None,
                 sample_ids=None, position_ids=None) -> AnyMALOutput:
@@ -159,8 +151,7 @@ class BenchAnyMAL(AnyMAL):
             return AnyMALOutput(loss=self.llm(inputs_embeds=emb, attention_mask=am, position_ids=pos, labels=labels,
                                               use_cache=False).loss)
         h = self.decoder(inputs_embeds=emb, attention_mask=am, position_ids=pos, use_cache=False).last_hidden_state
-        if self.loss_impl == "liger": return AnyMALOutput(loss=liger_loss(h, labels, self.lm_head))
-        return AnyMALOutput(loss=chunked_ce(h, labels, self.lm_head, self.loss_chunk)[0])
+        return AnyMALOutput(loss=(self.ce_fn or chunked_ce)(h, labels, self.lm_head, self.loss_chunk)[0])
 
 # %% ../nbs/14b_recipes.ipynb #ab303034
 def _dropouts(llm: nn.Module) -> dict:
@@ -183,7 +174,7 @@ def restore(model: AnyMAL, snap: dict, device) -> None:
     model.loss_chunk, base = snap["chunk"], _base(model.llm)
     if base.get_input_embeddings() is not snap["emb"]: base.set_input_embeddings(snap["emb"].to(device))
     for layer in _layers(model.llm): layer._compiled_call_impl = None
-    unfuse_lora(model.llm)
+    unfuse_lora(model.llm); liger_unpatch(model.llm); model.ce_fn = None
     params = dict(model.named_parameters())
     with torch.no_grad():
         for n, t in snap["trained"].items(): params[n].copy_(t)
@@ -192,25 +183,6 @@ def restore(model: AnyMAL, snap: dict, device) -> None:
 def group_key(r: Recipe) -> tuple:
     "Rows with the same key can share one loaded model: stage, form, and whether the NF4 weights get dequantized."
     return r.stage, r.form, row_settings(r).dequant_once
-
-# %% ../nbs/14b_recipes.ipynb #cbf875df
-def liger_patch(llm: nn.Module, eps: float):
-    "Liger's RMSNorm/SwiGLU on `llm`'s modules and its RoPE in transformers' LLaMA; returns a function that undoes it."
-    from liger_kernel.transformers.monkey_patch import _patch_rms_norm_module, _patch_swiglu_module
-    from liger_kernel.transformers.swiglu import LigerSwiGLUMLP
-    from liger_kernel.transformers.rope import liger_rotary_pos_emb
-    from transformers.models.llama import modeling_llama
-    dec = _base(llm).model
-    norms = [dec.norm] + [n for l in dec.layers for n in (l.input_layernorm, l.post_attention_layernorm)]
-    mlps = [l.mlp for l in dec.layers]
-    for n in norms: _patch_rms_norm_module(n, eps=eps)
-    for m in mlps: _patch_swiglu_module(m, LigerSwiGLUMLP)
-    rope, modeling_llama.apply_rotary_pos_emb = modeling_llama.apply_rotary_pos_emb, liger_rotary_pos_emb
-    def undo():
-        modeling_llama.apply_rotary_pos_emb = rope
-        for m in norms + mlps:
-            for k in ("forward", "_get_name"): m.__dict__.pop(k, None)
-    return undo
 
 # %% ../nbs/14b_recipes.ipynb #0ca1386e
 def linear_params(m: nn.Module, skip: str = "lora_") -> int:

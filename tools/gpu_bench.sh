@@ -17,7 +17,9 @@ OUT_DIR=${1:-${OUT:-bench-out}}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT_DIR"
 
-if compgen -G ".whl/*.whl" >/dev/null; then  # what the GPU image lacks (see tools/fetch_gpu_wheels.sh)
+# What the GPU image lacks (see tools/fetch_gpu_wheels.sh), installed only where bitsandbytes is missing (a CPU dry
+# run in the project's own environment keeps its packages).
+if compgen -G ".whl/*.whl" >/dev/null && ! "$PY" -c "import bitsandbytes" 2>/dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
@@ -28,9 +30,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 "$PY" -c "import torch, transformers, peft, bitsandbytes, open_clip, fastcore; print('torch', torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__, '| bitsandbytes', bitsandbytes.__version__)" 2>&1 | tee -a "$OUT_DIR/gpu.txt"
 
 # --gpu-mem-gib 79: the fast mode's goal is for one 80 GB card; on a bigger card the process is held to 79 GiB.
-timeout "${BENCH_TIMEOUT:-540}" "$PY" -m anymal.bench --preset "${BENCH_PRESET:-full}" --stage 2,1 --mode small,fast \
+# BENCH_MODES, BENCH_BATCHES and BENCH_EXTRA (default "--levers --profile") narrow a rerun to the rows it needs.
+timeout "${BENCH_TIMEOUT:-540}" "$PY" -m anymal.bench --preset "${BENCH_PRESET:-full}" --stage 2,1 --mode "${BENCH_MODES:-small,fast}" \
   --batches "${BENCH_BATCHES:-4,8,16}" \
-  --steps 5 --warmup 2 --levers --profile --gpu-mem-gib 79 --budget-s "${BENCH_BUDGET:-400}" \
+  --steps 5 --warmup 2 ${BENCH_EXTRA---levers --profile} --gpu-mem-gib 79 --budget-s "${BENCH_BUDGET:-400}" \
   --out "$OUT_DIR/bench.jsonl" --table "$OUT_DIR/table.md" 2>"$OUT_DIR/stderr.log" >/dev/null
 rc=$?
 [ $rc -eq 0 ] || { echo "benchmark exited with $rc; last lines of stderr:"; tail -20 "$OUT_DIR/stderr.log"; }
