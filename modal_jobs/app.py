@@ -24,7 +24,7 @@ PYPROJECT = ROOT / "pyproject.toml"  # the one list of pinned dependencies; read
 image = (
     modal.Image.debian_slim(python_version="3.11")
     .apt_install("default-jre-headless")  # Java for pycocoevalcap's PTB tokenizer (caption metrics)
-    .pip_install_from_pyproject(str(PYPROJECT))
+    .pip_install_from_pyproject(str(PYPROJECT), optional_dependencies=["gpu"])  # + Liger-Kernel for train.mode=fast
     .env({"HF_HOME": f"{cloud.MOUNT_ROOT}/hf", "ANYMAL_CACHE": f"{cloud.MOUNT_ROOT}/runs/.anymal-cache",  # weights; tiny pretrained parts
           "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"})
     .add_local_python_source("anymal")  # last: mounted at container start, so code edits need no rebuild
