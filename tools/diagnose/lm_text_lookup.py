@@ -1,0 +1,45 @@
+"""Pretrain the tiny LLaMA on the world's chat documents; every K steps, teacher-forced answer accuracy per type on
+test-scene text QA (description in context). 
+
+    python tools/diagnose/lm_text_lookup.py WORLD_ROOT STEPS LR [config overrides]   # e.g. runs/demo/world 900 3e-3
+"""
+import json, sys, time, random, collections, dataclasses, torch
+from anymal.config import tiny, override
+from anymal.tokenizer import load_tokenizer, encode_chat
+from anymal.pretrain import lm_documents, pack, _schedule, _chat
+from anymal.llm import random_llm
+torch.set_num_threads(1); torch.manual_seed(0)
+W, steps, lr = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+cfg = override(tiny(), [f"data.root={W}"] + sys.argv[4:])
+tok = load_tokenizer(f"{W}/tokenizer")
+docs = lm_documents(W, cfg, tok)
+ids, labels = pack(docs, cfg.pretrain.lm_block, 0)
+print("docs", len(docs), "rows", ids.shape, flush=True)
+VP = cfg.data.vqa_prompt
+sc = json.load(open(f"{W}/scenes/test.json"))["scenes"][:150]
+ev = []
+for s in sc:
+    for q in s["qa"]:
+        e = encode_chat(tok, _chat(s["description"], [(f"{q['question']}\n{VP}", q["answer"])]), 1)
+        ev.append((e["input_ids"], e["labels"], q["type"]))
+T = max(len(e[0]) for e in ev)
+EI = torch.tensor([e[0] + [0] * (T - len(e[0])) for e in ev]); EL = torch.tensor([e[1] + [-100] * (T - len(e[1])) for e in ev])
+def evaluate(m):
+    m.eval(); ok = []
+    with torch.no_grad():
+        for i in range(0, len(EI), 250):
+            lg = m(input_ids=EI[i:i+250]).logits[:, :-1].argmax(-1); lb = EL[i:i+250, 1:]
+            ok += (((lg == lb) | (lb == -100)).all(1)).tolist()
+    m.train(); c = collections.defaultdict(list)
+    for (_, _, t), o in zip(ev, ok): c[t].append(o)
+    return {t: round(100 * sum(v) / len(v), 1) for t, v in c.items()} | {"all": round(100 * sum(ok) / len(ok), 1)}
+m = random_llm(cfg.llm).train()
+opt = torch.optim.AdamW(m.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+sched, g = _schedule(opt, steps, cfg.pretrain.warmup), torch.Generator().manual_seed(0)
+t0 = time.time(); every = max(steps // 6, 50)
+for step in range(1, steps + 1):
+    i = torch.randint(len(ids), (cfg.pretrain.lm_batch,), generator=g)
+    loss = m(input_ids=ids[i], labels=labels[i]).loss
+    opt.zero_grad(set_to_none=True); loss.backward(); torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0); opt.step(); sched.step()
+    if step % every == 0 or step == steps:
+        print(json.dumps({"step": step, "loss": round(loss.item(), 3), "s": round(time.time() - t0), **evaluate(m)}), flush=True)
