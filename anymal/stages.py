@@ -28,8 +28,8 @@ __all__ = ['STAGE_RECIPES', 'FORWARD_KEYS', 'stage_config', 'StageError', 'check
 STAGE_RECIPES = {
     "full": {1: ["train.out_dir=runs/full/stage1", "train.lr=2e-4"],
              2: ["train.out_dir=runs/full/stage2", "train.init_from=runs/full/stage1", "train.lr=1e-5", "train.lora_lr=1e-5"]},
-    "tiny": {1: ["train.out_dir=runs/tiny/stage1"],
-             2: ["train.out_dir=runs/tiny/stage2", "train.init_from=runs/tiny/stage1", "train.steps=2000",
+    "tiny": {1: ["train.out_dir=runs/tiny/stage1", "train.steps=3000", "train.lr=2e-3", "train.save_every=500"],
+             2: ["train.out_dir=runs/tiny/stage2", "train.init_from=runs/tiny/stage1", "train.steps=1000",
                  "train.lr=2e-3", "train.lora_lr=2e-3", "train.save_every=250"]},
 }
 
