@@ -35,6 +35,9 @@ class ModeSettings:
     embed_offload: bool = False       # keep the frozen input embeddings in host memory (CUDA only)
     kernels: str | None = None        # "liger": Liger-Kernel's RMSNorm, SwiGLU, RoPE and fused linear cross-entropy (CUDA only)
 
+    def __post_init__(self):
+        if self.kernels not in (None, "liger"): raise ConfigError(f"kernels={self.kernels!r}: choose None or 'liger'")
+
 MODES = {
     "standard": ModeSettings(),
     "small": ModeSettings(ckpt=1.0, loss_chunk=512, lora_dropout=0.0, lora_fused=True, optim="adamw8bit",
@@ -264,7 +267,6 @@ def apply_mode(model: nn.Module, cfg: Config, device=None) -> dict:
         else:
             done["kernels"] = f"none ({why})"
             if cuda: warnings.warn(f"train.mode={cfg.train.mode!r} runs without its fused kernels: {why}")
-    elif s.kernels not in (None, "liger"): raise ConfigError(f"kernels={s.kernels!r} in train.mode={cfg.train.mode!r}: choose None or 'liger'")
     if cfg.train.compile and llm is not None: done["compiled_layers"] = compile_blocks(llm)
     return done
 
