@@ -144,8 +144,10 @@ class PretrainConfig:
     clip_batch: int = 256          # image-caption pairs per contrastive step (more negatives per step)
     clip_lr: float = 1e-3          # AdamW peak LR for the tiny CLIP
     lm_steps: int = 300            # next-token steps on the world's text
-    lm_batch: int = 32             # rows per LM step
-    lm_block: int = 256            # tokens per packed LM row
+    lm_batch: int = 64             # rows per LM step
+    lm_block: int = 256            # tokens per LM row: a packed row's length, a document row's limit
+    lm_rows: str = "documents"     # "documents": one document per row, padded (a question sees only its own scene);
+                                   # "packed": documents concatenated into full rows of `lm_block` (GPT-style)
     lm_lr: float = 3e-3            # AdamW peak LR for the tiny LLaMA (small models take large LRs)
     lm_format: str = "chat"        # "chat": the world's text in the stages' chat form; "plain": text/lm_{split}.txt lines
     lm_targets: str = "assistant"  # chat only: "assistant" trains on the answers (the reading skill), "all" on every token

@@ -26,7 +26,8 @@ from .world import DESCRIBE_PROMPT
 # %% auto #0
 __all__ = ['PRETRAIN_VERSION', 'DONE', 'LLM_SHAPE', 'VISION_SHAPE', 'cache_root', 'file_lock', 'cached', 'world_fingerprint',
            'cache_key', 'clip_text_ids', 'caption_pairs', 'load_pixels', 'clip_loss', 'pretrain_clip', 'scene_chats',
-           'lm_documents', 'pack', 'pretrain_llm', 'world_tokenizer_dir', 'with_pretrained', 'pretrain_main']
+           'lm_documents', 'pack', 'doc_rows', 'pretrain_llm', 'world_tokenizer_dir', 'with_pretrained',
+           'pretrain_main']
 
 # %% ../nbs/08_pretrain.ipynb #1759b4d5
 PRETRAIN_VERSION = 1  # bump when the pretraining code changes what it produces: old cache entries stop matching
@@ -170,19 +171,34 @@ def pack(docs: list[tuple[list[int], list[int]]], block: int, seed: int = 0) -> 
     if n == 0: raise ValueError(f"{len(ids)} tokens of text: not even one row of {block}")
     return ids[:n * block].view(n, block), labels[:n * block].view(n, block)
 
+def doc_rows(docs: list[tuple[list[int], list[int]]], idx: list[int], pad_id: int, block: int) -> tuple[torch.Tensor, ...]:
+    "Documents `idx`, one per row (cut at `block` tokens), right-padded: ids, labels (-100 on padding), attention mask `(B, T)`."
+    rows = [(docs[i][0][:block], docs[i][1][:block]) for i in idx]
+    T = max(len(r[0]) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long); labels = torch.full((len(rows), T), -100, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for b, (x, y) in enumerate(rows): ids[b, :len(x)], labels[b, :len(y)], mask[b, :len(x)] = torch.tensor(x), torch.tensor(y), 1
+    return ids, labels, mask
+
 # %% ../nbs/08_pretrain.ipynb #d8fa872e
 def pretrain_llm(cfg: Config, world_root, tok, progress: bool = True, log: Callable | None = None):
     "A tiny `LlamaForCausalLM` of `cfg.llm`'s shape trained on the world's train text for `cfg.pretrain.lm_steps` steps."
     p = cfg.pretrain
+    if p.lm_rows not in ("documents", "packed"): raise ConfigError(f"pretrain.lm_rows={p.lm_rows!r}: choose 'documents' or 'packed'")
     if len(tok) > cfg.llm.vocab_size: raise ConfigError(f"llm.vocab_size={cfg.llm.vocab_size} < the tokenizer's {len(tok)} tokens")
     seed_all(cfg.train.seed)
     model = random_llm(cfg.llm).train()
-    ids, labels = pack(lm_documents(world_root, cfg, tok), p.lm_block, cfg.train.seed)  # (R, T) each
+    docs = lm_documents(world_root, cfg, tok)
+    if p.lm_rows == "packed": ids, labels = pack(docs, p.lm_block, cfg.train.seed)  # (R, T) each
     opt = torch.optim.AdamW(model.parameters(), lr=p.lm_lr, betas=(0.9, 0.95), weight_decay=0.1)
     sched, g = _schedule(opt, p.lm_steps, p.warmup), torch.Generator().manual_seed(cfg.train.seed)
     for step in tqdm(range(p.lm_steps), desc="pretrain LLaMA", disable=not progress):
-        i = torch.randint(len(ids), (p.lm_batch,), generator=g)
-        loss = model(input_ids=ids[i], labels=labels[i]).loss
+        if p.lm_rows == "packed":
+            i = torch.randint(len(ids), (p.lm_batch,), generator=g)
+            loss = model(input_ids=ids[i], labels=labels[i]).loss
+        else:
+            x, y, m = doc_rows(docs, torch.randint(len(docs), (p.lm_batch,), generator=g).tolist(), tok.pad_token_id, p.lm_block)
+            loss = model(input_ids=x, labels=y, attention_mask=m).loss
         opt.zero_grad(set_to_none=True); loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step(); sched.step()
         if log: log(dict(step=step + 1, loss=loss.item(), lr=sched.get_last_lr()[0]))

@@ -1,20 +1,24 @@
 """Pretrain the tiny LLaMA on the world's chat documents; every K steps, teacher-forced answer accuracy per type on
 test-scene text QA (description in context). 
 
-    python tools/diagnose/lm_text_lookup.py WORLD_ROOT STEPS LR [config overrides]   # e.g. runs/demo/world 900 3e-3
+    python tools/diagnose/lm_text_lookup.py WORLD_ROOT STEPS LR [config overrides]   # e.g. runs/demo/world 300 3e-3
+
+Rows as `pretrain_llm` makes them (`pretrain.lm_rows`: one document per row, or packed: add pretrain.lm_rows=packed
+pretrain.lm_batch=32 for the older setting).
 """
 import json, sys, time, random, collections, dataclasses, torch
 from anymal.config import tiny, override
 from anymal.tokenizer import load_tokenizer, encode_chat
-from anymal.pretrain import lm_documents, pack, _schedule, _chat
+from anymal.pretrain import lm_documents, pack, doc_rows, _schedule, _chat
 from anymal.llm import random_llm
 torch.set_num_threads(1); torch.manual_seed(0)
 W, steps, lr = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 cfg = override(tiny(), [f"data.root={W}"] + sys.argv[4:])
 tok = load_tokenizer(f"{W}/tokenizer")
 docs = lm_documents(W, cfg, tok)
-ids, labels = pack(docs, cfg.pretrain.lm_block, 0)
-print("docs", len(docs), "rows", ids.shape, flush=True)
+P = cfg.pretrain
+if P.lm_rows == "packed": ids, labels = pack(docs, P.lm_block, 0)
+print("docs", len(docs), "rows", P.lm_rows, flush=True)
 VP = cfg.data.vqa_prompt
 sc = json.load(open(f"{W}/scenes/test.json"))["scenes"][:150]
 ev = []
@@ -38,8 +42,12 @@ opt = torch.optim.AdamW(m.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0
 sched, g = _schedule(opt, steps, cfg.pretrain.warmup), torch.Generator().manual_seed(0)
 t0 = time.time(); every = max(steps // 6, 50)
 for step in range(1, steps + 1):
-    i = torch.randint(len(ids), (cfg.pretrain.lm_batch,), generator=g)
-    loss = m(input_ids=ids[i], labels=labels[i]).loss
+    if P.lm_rows == "packed":
+        i = torch.randint(len(ids), (P.lm_batch,), generator=g)
+        loss = m(input_ids=ids[i], labels=labels[i]).loss
+    else:
+        x, y, mask = doc_rows(docs, torch.randint(len(docs), (P.lm_batch,), generator=g).tolist(), tok.pad_token_id, P.lm_block)
+        loss = m(input_ids=x, labels=y, attention_mask=mask).loss
     opt.zero_grad(set_to_none=True); loss.backward(); torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0); opt.step(); sched.step()
     if step % every == 0 or step == steps:
         print(json.dumps({"step": step, "loss": round(loss.item(), 3), "s": round(time.time() - t0), **evaluate(m)}), flush=True)
