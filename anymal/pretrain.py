@@ -26,7 +26,7 @@ from .world import DESCRIBE_PROMPT
 # %% auto #0
 __all__ = ['PRETRAIN_VERSION', 'DONE', 'LLM_SHAPE', 'VISION_SHAPE', 'cache_root', 'file_lock', 'cached', 'world_fingerprint',
            'cache_key', 'clip_text_ids', 'caption_pairs', 'load_pixels', 'clip_loss', 'pretrain_clip', 'scene_chats',
-           'lm_documents', 'pack', 'doc_rows', 'pretrain_llm', 'world_tokenizer_dir', 'with_pretrained',
+           'lm_documents', 'pack', 'doc_rows', 'lm_batches', 'pretrain_llm', 'world_tokenizer_dir', 'with_pretrained',
            'pretrain_main']
 
 # %% ../nbs/08_pretrain.ipynb #1759b4d5
@@ -180,25 +180,32 @@ def doc_rows(docs: list[tuple[list[int], list[int]]], idx: list[int], pad_id: in
     for b, (x, y) in enumerate(rows): ids[b, :len(x)], labels[b, :len(y)], mask[b, :len(x)] = torch.tensor(x), torch.tensor(y), 1
     return ids, labels, mask
 
+def lm_batches(docs: list[tuple[list[int], list[int]]], p, pad_id: int, seed: int = 0):
+    "`g -> model kwargs`: one step's rows of `docs` as `pretrain` config `p` says (`lm_rows`, `lm_batch`, `lm_block`), drawn with generator `g`."
+    if p.lm_rows not in ("documents", "packed"): raise ConfigError(f"pretrain.lm_rows={p.lm_rows!r}: choose 'documents' or 'packed'")
+    if p.lm_rows == "packed":
+        ids, labels = pack(docs, p.lm_block, seed)  # (R, T) each
+        def draw(g):
+            i = torch.randint(len(ids), (p.lm_batch,), generator=g)
+            return dict(input_ids=ids[i], labels=labels[i])
+    else:
+        def draw(g):
+            x, y, m = doc_rows(docs, torch.randint(len(docs), (p.lm_batch,), generator=g).tolist(), pad_id, p.lm_block)
+            return dict(input_ids=x, labels=y, attention_mask=m)
+    return draw
+
 # %% ../nbs/08_pretrain.ipynb #d8fa872e
 def pretrain_llm(cfg: Config, world_root, tok, progress: bool = True, log: Callable | None = None):
     "A tiny `LlamaForCausalLM` of `cfg.llm`'s shape trained on the world's train text for `cfg.pretrain.lm_steps` steps."
     p = cfg.pretrain
-    if p.lm_rows not in ("documents", "packed"): raise ConfigError(f"pretrain.lm_rows={p.lm_rows!r}: choose 'documents' or 'packed'")
     if len(tok) > cfg.llm.vocab_size: raise ConfigError(f"llm.vocab_size={cfg.llm.vocab_size} < the tokenizer's {len(tok)} tokens")
     seed_all(cfg.train.seed)
+    draw = lm_batches(lm_documents(world_root, cfg, tok), p, tok.pad_token_id, cfg.train.seed)
     model = random_llm(cfg.llm).train()
-    docs = lm_documents(world_root, cfg, tok)
-    if p.lm_rows == "packed": ids, labels = pack(docs, p.lm_block, cfg.train.seed)  # (R, T) each
     opt = torch.optim.AdamW(model.parameters(), lr=p.lm_lr, betas=(0.9, 0.95), weight_decay=0.1)
     sched, g = _schedule(opt, p.lm_steps, p.warmup), torch.Generator().manual_seed(cfg.train.seed)
     for step in tqdm(range(p.lm_steps), desc="pretrain LLaMA", disable=not progress):
-        if p.lm_rows == "packed":
-            i = torch.randint(len(ids), (p.lm_batch,), generator=g)
-            loss = model(input_ids=ids[i], labels=labels[i]).loss
-        else:
-            x, y, m = doc_rows(docs, torch.randint(len(docs), (p.lm_batch,), generator=g).tolist(), tok.pad_token_id, p.lm_block)
-            loss = model(input_ids=x, labels=y, attention_mask=m).loss
+        loss = model(**draw(g)).loss
         opt.zero_grad(set_to_none=True); loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step(); sched.step()
         if log: log(dict(step=step + 1, loss=loss.item(), lr=sched.get_last_lr()[0]))

@@ -9,16 +9,15 @@ pretrain.lm_batch=32 for the older setting).
 import json, sys, time, random, collections, dataclasses, torch
 from anymal.config import tiny, override
 from anymal.tokenizer import load_tokenizer, encode_chat
-from anymal.pretrain import lm_documents, pack, doc_rows, _schedule, _chat
+from anymal.pretrain import lm_documents, lm_batches, _schedule, _chat
 from anymal.llm import random_llm
 torch.set_num_threads(1); torch.manual_seed(0)
 W, steps, lr = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 cfg = override(tiny(), [f"data.root={W}"] + sys.argv[4:])
 tok = load_tokenizer(f"{W}/tokenizer")
 docs = lm_documents(W, cfg, tok)
-P = cfg.pretrain
-if P.lm_rows == "packed": ids, labels = pack(docs, P.lm_block, 0)
-print("docs", len(docs), "rows", P.lm_rows, flush=True)
+draw = lm_batches(docs, cfg.pretrain, tok.pad_token_id, 0)
+print("docs", len(docs), "rows", cfg.pretrain.lm_rows, flush=True)
 VP = cfg.data.vqa_prompt
 sc = json.load(open(f"{W}/scenes/test.json"))["scenes"][:150]
 ev = []
@@ -42,12 +41,7 @@ opt = torch.optim.AdamW(m.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0
 sched, g = _schedule(opt, steps, cfg.pretrain.warmup), torch.Generator().manual_seed(0)
 t0 = time.time(); every = max(steps // 6, 50)
 for step in range(1, steps + 1):
-    if P.lm_rows == "packed":
-        i = torch.randint(len(ids), (P.lm_batch,), generator=g)
-        loss = m(input_ids=ids[i], labels=labels[i]).loss
-    else:
-        x, y, mask = doc_rows(docs, torch.randint(len(docs), (P.lm_batch,), generator=g).tolist(), tok.pad_token_id, P.lm_block)
-        loss = m(input_ids=x, labels=y, attention_mask=mask).loss
+    loss = m(**draw(g)).loss
     opt.zero_grad(set_to_none=True); loss.backward(); torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0); opt.step(); sched.step()
     if step % every == 0 or step == steps:
         print(json.dumps({"step": step, "loss": round(loss.item(), 3), "s": round(time.time() - t0), **evaluate(m)}), flush=True)
