@@ -12,6 +12,7 @@ from anymal.tokenizer import load_tokenizer, encode_chat
 from anymal.pretrain import lm_documents, lm_batches, _schedule, _chat
 from anymal.llm import random_llm
 torch.set_num_threads(1); torch.manual_seed(0)
+dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # a GPU when there is one
 W, steps, lr = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 cfg = override(tiny(), [f"data.root={W}"] + sys.argv[4:])
 tok = load_tokenizer(f"{W}/tokenizer")
@@ -27,6 +28,7 @@ for s in sc:
         ev.append((e["input_ids"], e["labels"], q["type"]))
 T = max(len(e[0]) for e in ev)
 EI = torch.tensor([e[0] + [0] * (T - len(e[0])) for e in ev]); EL = torch.tensor([e[1] + [-100] * (T - len(e[1])) for e in ev])
+EI, EL = EI.to(dev), EL.to(dev)
 def evaluate(m):
     m.eval(); ok = []
     with torch.no_grad():
@@ -36,12 +38,12 @@ def evaluate(m):
     m.train(); c = collections.defaultdict(list)
     for (_, _, t), o in zip(ev, ok): c[t].append(o)
     return {t: round(100 * sum(v) / len(v), 1) for t, v in c.items()} | {"all": round(100 * sum(ok) / len(ok), 1)}
-m = random_llm(cfg.llm).train()
+m = random_llm(cfg.llm).to(dev).train()
 opt = torch.optim.AdamW(m.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
 sched, g = _schedule(opt, steps, cfg.pretrain.warmup), torch.Generator().manual_seed(0)
 t0 = time.time(); every = max(steps // 6, 50)
 for step in range(1, steps + 1):
-    loss = m(**draw(g)).loss
+    loss = m(**{k: v.to(dev) for k, v in draw(g).items()}).loss
     opt.zero_grad(set_to_none=True); loss.backward(); torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0); opt.step(); sched.step()
     if step % every == 0 or step == steps:
         print(json.dumps({"step": step, "loss": round(loss.item(), 3), "s": round(time.time() - t0), **evaluate(m)}), flush=True)
