@@ -133,6 +133,7 @@ class TrainConfig:
     mode: str = "standard"         # "standard" (as built), "small" (least memory) or "fast" (throughput): see anymal.modes
     wandb_project: str = ""        # "" = no W&B; otherwise online with a key, offline without one
     compile: bool = False          # torch.compile the LLM blocks
+    group_by_length: bool = False  # batch samples of similar length together (less padding; still shuffled and resumable)
     cache_features: bool = False   # encode each image once with the frozen CLIP and train on the cached features (tiny: seconds; full: TBs)
 
 # %% ../nbs/00_config.ipynb #11c22d1f
@@ -143,6 +144,8 @@ class PretrainConfig:
     clip_steps: int = 100          # contrastive steps: short, the frozen CLIP only has to mean something
     clip_batch: int = 256          # image-caption pairs per contrastive step (more negatives per step)
     clip_lr: float = 1e-3          # AdamW peak LR for the tiny CLIP
+    clip_captions: str = "all"     # "all" of each image's captions, or "no-colour": only those naming no colour, so the
+                                   # tower must tell scenes apart by shape and size (colour and place alone suffice otherwise)
     lm_steps: int = 300            # next-token steps on the world's text
     lm_batch: int = 64             # rows per LM step
     lm_block: int = 256            # tokens per LM row: a packed row's length, a document row's limit

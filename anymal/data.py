@@ -18,8 +18,8 @@ from .tokenizer import IMAGE_MARKER, BadRecord, encode_chat
 
 # %% auto #0
 __all__ = ['ROLES', 'IMAGE_EXTS', 'default_transform', 'load_image', 'SampleDataset', 'llava_messages', 'InstructDataset',
-           'CaptionDataset', 'vqa_prompts', 'caption_prompts', 'PromptDataset', 'collate', 'Collator', 'build_dataset',
-           'build_loader']
+           'CaptionDataset', 'vqa_prompts', 'caption_prompts', 'PromptDataset', 'length_batches', 'collate', 'Collator',
+           'build_dataset', 'build_loader']
 
 # %% ../nbs/07_data.ipynb #e037c95a
 def default_transform(cfg: Config):
@@ -124,6 +124,9 @@ class InstructDataset(SampleDataset):
         except BadRecord as e: self._reject(e)
 
     def __len__(self): return len(self.records)
+    def lengths(self) -> list[int]:
+        "A cheap size per record, for batching by length (`train.group_by_length`): its characters of text."
+        return [sum(len(m["content"]) for m in r[2]) for r in self.records]
 
     def _get(self, i: int) -> dict:
         name, rid, msgs, images = self.records[i]
@@ -164,6 +167,9 @@ class CaptionDataset(SampleDataset):
         return out
 
     def __len__(self): return len(self.items)
+    def lengths(self) -> list[int]:
+        "A cheap size per sample, for batching by length (`train.group_by_length`): its caption's bytes, from the index."
+        return [it[3][1] for it in self.items]
 
     def _get(self, i: int) -> dict:
         path, key, (io_, is_), (to, ts) = self.items[i]
@@ -208,6 +214,18 @@ class PromptDataset(SampleDataset):
         sid, img, text = self.items[i]
         enc = encode_chat(self.tok, [dict(role="user", content=text)], self.L, self.max_len, add_generation_prompt=True, name=f"prompt {sid}")
         return self._sample(enc, [self.folder / img], [img], sid, f"prompt {sid}")
+
+# %% ../nbs/07_data.ipynb #b281ffd5
+def length_batches(idx: list[int], # the items to batch (e.g. one shuffled epoch)
+                   lengths, # lengths[i]: a size of item i
+                   batch: int, g: torch.Generator, window: int = 32) -> tuple[list[list[int]], list[int]]:
+    "`idx` as full batches of `batch` items of similar length, in random order (sorted within windows of `window` batches), and the items left over."
+    full, rest, w = [], [], batch * window
+    for s in range(0, len(idx), w):
+        part = sorted(idx[s:s + w], key=lambda i: lengths[i])
+        n = len(part) // batch * batch
+        full += [part[j:j + batch] for j in range(0, n, batch)]; rest += part[n:]
+    return [full[k] for k in torch.randperm(len(full), generator=g).tolist()], rest
 
 # %% ../nbs/07_data.ipynb #6c4044ff
 def collate(samples: list[dict], pad_id: int, padding_side: str = "right") -> dict:

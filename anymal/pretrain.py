@@ -6,7 +6,7 @@ Docs: https://anymal-course.github.io/anymal/pretrain.html.md"""
 
 # %% ../nbs/08_pretrain.ipynb #f364d1e8
 from __future__ import annotations
-import argparse, dataclasses, fcntl, hashlib, json, os, random, shutil, time
+import argparse, dataclasses, fcntl, hashlib, json, os, random, re, shutil, time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
@@ -21,13 +21,13 @@ from .tokenizer import EOT, load_tokenizer, encode_chat
 from .train import lr_factor, seed_all
 from .vision import build_clip, clip_preprocess
 from .llm import random_llm
-from .world import DESCRIBE_PROMPT
+from .world import COLORS, DESCRIBE_PROMPT
 
 # %% auto #0
 __all__ = ['PRETRAIN_VERSION', 'DONE', 'LLM_SHAPE', 'VISION_SHAPE', 'cache_root', 'file_lock', 'cached', 'world_fingerprint',
-           'cache_key', 'clip_text_ids', 'caption_pairs', 'load_pixels', 'clip_loss', 'pretrain_clip', 'scene_chats',
-           'lm_documents', 'pack', 'doc_rows', 'lm_batches', 'pretrain_llm', 'world_tokenizer_dir', 'with_pretrained',
-           'pretrain_main']
+           'cache_key', 'clip_text_ids', 'caption_pairs', 'clip_captions', 'load_pixels', 'clip_loss', 'pretrain_clip',
+           'scene_chats', 'lm_documents', 'pack', 'doc_rows', 'lm_batches', 'pretrain_llm', 'world_tokenizer_dir',
+           'with_pretrained', 'pretrain_main']
 
 # %% ../nbs/08_pretrain.ipynb #1759b4d5
 PRETRAIN_VERSION = 1  # bump when the pretraining code changes what it produces: old cache entries stop matching
@@ -100,6 +100,15 @@ def caption_pairs(root, split: str = "train") -> tuple[list[Path], list[list[str
     for a in coco["annotations"]: caps.setdefault(a["image_id"], []).append(a["caption"])
     return [root / "images" / split / im["file_name"] for im in coco["images"]], [caps[im["id"]] for im in coco["images"]]
 
+def clip_captions(caps: list[list[str]], p, names=None) -> list[list[str]]:
+    "The captions of each image the tiny CLIP trains on: all, or (`p.clip_captions='no-colour'`) those naming no colour."
+    if p.clip_captions not in ("all", "no-colour"): raise ConfigError(f"pretrain.clip_captions={p.clip_captions!r}: choose 'all' or 'no-colour'")
+    if p.clip_captions == "all": return caps
+    out = [[c for c in cs if not set(COLORS) & set(re.findall(r"[a-z]+", c.lower()))] for cs in caps]
+    if bad := [(names or range(len(caps)))[i] for i, cs in enumerate(out) if not cs]:
+        raise ValueError(f"pretrain.clip_captions='no-colour': {len(bad)} images have no caption without a colour, e.g. {bad[0]}")
+    return out
+
 def load_pixels(paths: list, transform) -> torch.Tensor:
     "Images through `transform`, stacked: `(N, 3, H, W)`."
     def one(p):
@@ -122,6 +131,7 @@ def pretrain_clip(cfg: Config, world_root, tok, progress: bool = True, log: Call
     seed_all(cfg.train.seed)
     model = build_clip(vcfg, text_eos_id=tok.convert_tokens_to_ids(EOT)).train()
     paths, caps = caption_pairs(world_root, "train")
+    caps = clip_captions(caps, p, [str(x) for x in paths])
     pixels = load_pixels(paths, clip_preprocess(vcfg))  # (N, 3, H, W)
     opt = torch.optim.AdamW(model.parameters(), lr=p.clip_lr, betas=(0.9, 0.98), weight_decay=0.1)
     sched, g = _schedule(opt, p.clip_steps, p.warmup), torch.Generator().manual_seed(cfg.train.seed)
@@ -171,14 +181,22 @@ def pack(docs: list[tuple[list[int], list[int]]], block: int, seed: int = 0) -> 
     if n == 0: raise ValueError(f"{len(ids)} tokens of text: not even one row of {block}")
     return ids[:n * block].view(n, block), labels[:n * block].view(n, block)
 
-def doc_rows(docs: list[tuple[list[int], list[int]]], idx: list[int], pad_id: int, block: int) -> tuple[torch.Tensor, ...]:
-    "Documents `idx`, one per row (cut at `block` tokens), right-padded: ids, labels (-100 on padding), attention mask `(B, T)`."
-    rows = [(docs[i][0][:block], docs[i][1][:block]) for i in idx]
-    T = max(len(r[0]) for r in rows)
+def doc_rows(docs: list[tuple[list[int], list[int]]], idx: list[int], pad_id: int, block: int) -> dict:
+    "Documents `idx` (each cut at `block` tokens) packed in order into rows of at most `block` tokens, as model kwargs in which every token sees only its own document."
+    rows, segs = [[]], [[]]
+    for k, i in enumerate(idx):
+        x = docs[i][0][:block]
+        if len(rows[-1]) + len(x) > block: rows.append([]); segs.append([])
+        rows[-1] += [(t, y, p) for p, (t, y) in enumerate(zip(x, docs[i][1][:block]))]; segs[-1] += [k] * len(x)
+    T = max(len(r) for r in rows)
     ids = torch.full((len(rows), T), pad_id, dtype=torch.long); labels = torch.full((len(rows), T), -100, dtype=torch.long)
-    mask = torch.zeros(len(rows), T, dtype=torch.long)
-    for b, (x, y) in enumerate(rows): ids[b, :len(x)], labels[b, :len(y)], mask[b, :len(x)] = torch.tensor(x), torch.tensor(y), 1
-    return ids, labels, mask
+    pos, seg = torch.zeros(len(rows), T, dtype=torch.long), torch.full((len(rows), T), -1, dtype=torch.long)
+    for b, (r, s) in enumerate(zip(rows, segs)):
+        ids[b, :len(r)], labels[b, :len(r)], pos[b, :len(r)] = (torch.tensor(c) for c in zip(*r))
+        seg[b, :len(s)] = torch.tensor(s)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    mask = (causal & (seg[:, :, None] == seg[:, None, :]))[:, None]  # (R, 1, T, T): block-diagonal causal (padding sees padding)
+    return dict(input_ids=ids, labels=labels, attention_mask=mask, position_ids=pos)
 
 def lm_batches(docs: list[tuple[list[int], list[int]]], p, pad_id: int, seed: int = 0):
     "`g -> model kwargs`: one step's rows of `docs` as `pretrain` config `p` says (`lm_rows`, `lm_batch`, `lm_block`), drawn with generator `g`."
@@ -189,9 +207,7 @@ def lm_batches(docs: list[tuple[list[int], list[int]]], p, pad_id: int, seed: in
             i = torch.randint(len(ids), (p.lm_batch,), generator=g)
             return dict(input_ids=ids[i], labels=labels[i])
     else:
-        def draw(g):
-            x, y, m = doc_rows(docs, torch.randint(len(docs), (p.lm_batch,), generator=g).tolist(), pad_id, p.lm_block)
-            return dict(input_ids=x, labels=y, attention_mask=m)
+        def draw(g): return doc_rows(docs, torch.randint(len(docs), (p.lm_batch,), generator=g).tolist(), pad_id, p.lm_block)
     return draw
 
 # %% ../nbs/08_pretrain.ipynb #d8fa872e

@@ -79,6 +79,7 @@ class ToySeqs(torch.utils.data.Dataset):
         self.seq_len, self.pad, self.vocab, self.stride = seq_len, pad, vocab, stride
 
     def __len__(self): return len(self.starts)
+    def lengths(self) -> list[int]: return self.starts.tolist()  # a stand-in size per sample, for `train.group_by_length`
 
     def __getitem__(self, i):
         ids = (self.starts[i] + self.stride * torch.arange(self.seq_len)) % self.vocab

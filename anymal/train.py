@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 from fastcore.basics import patch
-from .config import Config, TrainConfig
+from .config import Config, ConfigError, TrainConfig
 from .checkpoint import (save_checkpoint, set_latest, latest_checkpoint, load_trainable, load_train_state,
                                rng_state, set_rng_state, recover, unwrap, CheckpointMismatch)
 from .distributed import (Dist, init_distributed, close_distributed, all_reduce_sum, gather_objects, barrier,
@@ -112,8 +112,11 @@ class Trainer:
         self.opt, self.p = build_optimizer(model, self.tc), Progress()
         self.sched = build_scheduler(self.opt, self.tc)
         self.prepare = prepare or partial(to_inputs, keys=forward_keys(model))
-        nw = cfg.data.num_workers
-        self.train_dl = make_loader(train_ds, self.tc.batch_size, self.d, self.tc.seed, True, True, collate_fn, nw)
+        nw, lengths = cfg.data.num_workers, None
+        if self.tc.group_by_length:
+            if not hasattr(train_ds, "lengths"): raise ConfigError(f"train.group_by_length=True, but {type(train_ds).__name__} has no lengths() to group by")
+            lengths = train_ds.lengths()
+        self.train_dl = make_loader(train_ds, self.tc.batch_size, self.d, self.tc.seed, True, True, collate_fn, nw, lengths)
         self.val_dl = None if val_ds is None else make_loader(val_ds, self.tc.batch_size, self.d, self.tc.seed, False, False, collate_fn, nw)
         self.per_epoch = batches_per_epoch(self.train_dl)
         if self.per_epoch == 0:

@@ -38,10 +38,11 @@ def crash_at(step):
 def curve(out): return [(r["step"], r["split"], r["loss"]) for r in read_metrics(out)]
 
 
-def test_resume_is_exact(tmp_path):
+@pytest.mark.parametrize("group", [False, True], ids=["shuffled", "grouped-by-length"])
+def test_resume_is_exact(tmp_path, group):
     "Crash mid-epoch, resume, crash at an epoch boundary, resume: the same losses, bit for bit, as no crash."
     sets = ["resampler.dropout=0.2", "train.steps=30", "train.batch_size=4", "train.grad_accum=2", "train.save_every=8",
-            "train.eval_every=10"]  # 96 samples / 4 = 24 micro-batches = 12 steps per epoch; step 24 ends epoch 1
+            "train.eval_every=10", f"train.group_by_length={str(group).lower()}"]  # 96 samples / 4 = 24 micro-batches = 12 steps per epoch
     _, ma = train_toy(tmp_path / "a", *sets, n=96)
     b = tmp_path / "b"
     with pytest.raises(Crash): train_toy(b, *sets, n=96, on_step=crash_at(13))
