@@ -144,8 +144,6 @@ class PretrainConfig:
     clip_steps: int = 100          # contrastive steps: short, the frozen CLIP only has to mean something
     clip_batch: int = 256          # image-caption pairs per contrastive step (more negatives per step)
     clip_lr: float = 1e-3          # AdamW peak LR for the tiny CLIP
-    clip_captions: str = "all"     # "all" of each image's captions, or "no-colour": only those naming no colour, so the
-                                   # tower must tell scenes apart by shape and size (colour and place alone suffice otherwise)
     lm_steps: int = 300            # next-token steps on the world's text
     lm_batch: int = 64             # rows per LM step
     lm_block: int = 256            # tokens per LM row: a packed row's length, a document row's limit

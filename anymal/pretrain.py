@@ -6,7 +6,7 @@ Docs: https://anymal-course.github.io/anymal/pretrain.html.md"""
 
 # %% ../nbs/08_pretrain.ipynb #f364d1e8
 from __future__ import annotations
-import argparse, dataclasses, fcntl, hashlib, json, os, random, re, shutil, time
+import argparse, dataclasses, fcntl, hashlib, json, os, random, shutil, time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
@@ -21,13 +21,13 @@ from .tokenizer import EOT, load_tokenizer, encode_chat
 from .train import lr_factor, seed_all
 from .vision import build_clip, clip_preprocess
 from .llm import random_llm
-from .world import COLORS, DESCRIBE_PROMPT
+from .world import DESCRIBE_PROMPT
 
 # %% auto #0
 __all__ = ['PRETRAIN_VERSION', 'DONE', 'LLM_SHAPE', 'VISION_SHAPE', 'cache_root', 'file_lock', 'cached', 'world_fingerprint',
-           'cache_key', 'clip_text_ids', 'caption_pairs', 'clip_captions', 'load_pixels', 'clip_loss', 'pretrain_clip',
-           'scene_chats', 'lm_documents', 'pack', 'doc_rows', 'lm_batches', 'pretrain_llm', 'world_tokenizer_dir',
-           'with_pretrained', 'pretrain_main']
+           'cache_key', 'clip_text_ids', 'caption_pairs', 'load_pixels', 'clip_loss', 'pretrain_clip', 'scene_chats',
+           'lm_documents', 'pack', 'doc_rows', 'lm_batches', 'pretrain_llm', 'world_tokenizer_dir', 'with_pretrained',
+           'pretrain_main']
 
 # %% ../nbs/08_pretrain.ipynb #1759b4d5
 PRETRAIN_VERSION = 1  # bump when the pretraining code changes what it produces: old cache entries stop matching
@@ -100,15 +100,6 @@ def caption_pairs(root, split: str = "train") -> tuple[list[Path], list[list[str
     for a in coco["annotations"]: caps.setdefault(a["image_id"], []).append(a["caption"])
     return [root / "images" / split / im["file_name"] for im in coco["images"]], [caps[im["id"]] for im in coco["images"]]
 
-def clip_captions(caps: list[list[str]], p, names=None) -> list[list[str]]:
-    "The captions of each image the tiny CLIP trains on: all, or (`p.clip_captions='no-colour'`) those naming no colour."
-    if p.clip_captions not in ("all", "no-colour"): raise ConfigError(f"pretrain.clip_captions={p.clip_captions!r}: choose 'all' or 'no-colour'")
-    if p.clip_captions == "all": return caps
-    out = [[c for c in cs if not set(COLORS) & set(re.findall(r"[a-z]+", c.lower()))] for cs in caps]
-    if bad := [(names or range(len(caps)))[i] for i, cs in enumerate(out) if not cs]:
-        raise ValueError(f"pretrain.clip_captions='no-colour': {len(bad)} images have no caption without a colour, e.g. {bad[0]}")
-    return out
-
 def load_pixels(paths: list, transform) -> torch.Tensor:
     "Images through `transform`, stacked: `(N, 3, H, W)`."
     def one(p):
@@ -131,7 +122,6 @@ def pretrain_clip(cfg: Config, world_root, tok, progress: bool = True, log: Call
     seed_all(cfg.train.seed)
     model = build_clip(vcfg, text_eos_id=tok.convert_tokens_to_ids(EOT)).train()
     paths, caps = caption_pairs(world_root, "train")
-    caps = clip_captions(caps, p, [str(x) for x in paths])
     pixels = load_pixels(paths, clip_preprocess(vcfg))  # (N, 3, H, W)
     opt = torch.optim.AdamW(model.parameters(), lr=p.clip_lr, betas=(0.9, 0.98), weight_decay=0.1)
     sched, g = _schedule(opt, p.clip_steps, p.warmup), torch.Generator().manual_seed(cfg.train.seed)
