@@ -18,8 +18,8 @@ from .tokenizer import train_tokenizer
 from .world import generate_world, iter_world_text
 
 # %% auto #0
-__all__ = ['LESSON_SETS', 'make_world', 'lesson_config', 'MemoEncoder', 'memo_assistant', 'vqa_eval', 'demo', 'accuracy_curve',
-           'demo_main']
+__all__ = ['LESSON_SETS', 'DEMO_RECIPES', 'make_world', 'lesson_config', 'MemoEncoder', 'memo_assistant', 'vqa_eval', 'demo_sets',
+           'demo', 'accuracy_curve', 'demo_main']
 
 # %% ../nbs/13_demo.ipynb #e08a7172
 def make_world(cfg: Config, root) -> Config:
@@ -90,7 +90,17 @@ def _phase(name: str, t0: float, log: dict, progress: bool):
 def _summary(r: dict) -> dict:
     return dict(overall=r["overall"], per_type=r["perQuestionType"], n=r["counts"]["overall"])
 
-def demo(base: Config, # a preset: the stage recipes apply to it, then `sets`
+DEMO_RECIPES = {  # the demo's settings over its preset (docs/tiny-recipe.md): {0: every phase, 1: stage 1, 2: stage 2}
+    "tiny": {0: ["vision.patch_size=4",  # 256 patches of 4 px: the shapes' outlines survive (8 px: a lone shape named 61% right)
+                 "pretrain.clip_batch=64", "pretrain.clip_lr=1e-4",  # a light contrastive pass: at 1e-3 the tower loses shape
+                 "pretrain.lm_steps=1500", "pretrain.lm_lr=1e-3"]}}  # the tiny LLaMA learns to look things up (3e-3: it does not)
+
+def demo_sets(preset: str, sets=(), stage_sets: dict | None = None) -> tuple[list[str], dict]:
+    "The demo's recipe for `preset`, then the user's `sets` and `stage_sets` (which win): `(sets, {1: [...], 2: [...]})`."
+    r, stage_sets = DEMO_RECIPES.get(preset, {}), stage_sets or {}
+    return [*r.get(0, []), *sets], {s: [*r.get(s, []), *stage_sets.get(s, [])] for s in (1, 2)}
+
+def demo(base: Config, # a preset: its demo recipe (`DEMO_RECIPES`) and stage recipes apply to it, then `sets`
          out, # output folder
          sets=(), # overrides for every phase, e.g. ["data.world_images=500"]
          stage_sets: dict | None = None, # {1: [...], 2: [...]}: overrides for one stage only
@@ -98,7 +108,8 @@ def demo(base: Config, # a preset: the stage recipes apply to it, then `sets`
          eval_limit: int | None = None, # only the first questions of each evaluation
          progress: bool = True) -> dict:
     "World -> pretrain -> stage 1 -> stage 2 -> VQA eval (+ blank control); writes `<out>/results.json` and plots."
-    out, t0, times, stage_sets = Path(out), time.time(), {}, stage_sets or {}
+    out, t0, times = Path(out), time.time(), {}
+    sets, stage_sets = demo_sets(base.preset, sets, stage_sets)
     out.mkdir(parents=True, exist_ok=True)
     cfg = make_world(override(base, sets), out / "world"); _phase("world", t0, times, progress)
     cfg = with_pretrained(cfg, progress); _phase("pretrain", t0, times, progress)

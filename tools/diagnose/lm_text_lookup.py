@@ -2,6 +2,7 @@
 test-scene text QA (description in context). 
 
     python tools/diagnose/lm_text_lookup.py WORLD_ROOT STEPS LR [config overrides]   # e.g. runs/demo/world 300 3e-3
+    python tools/diagnose/lm_text_lookup.py WORLD_ROOT --score LLM_DIR                # a pretrained one, e.g. from the cache
 
 Rows as `pretrain_llm` makes them (`pretrain.lm_rows`: one document per row, or packed: add pretrain.lm_rows=packed
 pretrain.lm_batch=32 for the older setting).
@@ -13,8 +14,9 @@ from anymal.pretrain import lm_documents, lm_batches, _schedule, _chat
 from anymal.llm import random_llm
 torch.set_num_threads(1); torch.manual_seed(0)
 dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # a GPU when there is one
-W, steps, lr = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-cfg = override(tiny(), [f"data.root={W}"] + sys.argv[4:])
+W, score = sys.argv[1], sys.argv[2] == "--score"
+steps, lr = (0, 0.0) if score else (int(sys.argv[2]), float(sys.argv[3]))
+cfg = override(tiny(), [f"data.root={W}"] + ([] if score else sys.argv[4:]))
 tok = load_tokenizer(f"{W}/tokenizer")
 docs = lm_documents(W, cfg, tok)
 draw = lm_batches(docs, cfg.pretrain, tok.pad_token_id, 0)
@@ -38,6 +40,10 @@ def evaluate(m):
     m.train(); c = collections.defaultdict(list)
     for (_, _, t), o in zip(ev, ok): c[t].append(o)
     return {t: round(100 * sum(v) / len(v), 1) for t, v in c.items()} | {"all": round(100 * sum(ok) / len(ok), 1)}
+if score:
+    from transformers import LlamaForCausalLM
+    m = LlamaForCausalLM.from_pretrained(sys.argv[3]).to(dev)
+    print(json.dumps({"llm": sys.argv[3], **evaluate(m)})); sys.exit(0)
 m = random_llm(cfg.llm).to(dev).train()
 opt = torch.optim.AdamW(m.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
 sched, g = _schedule(opt, steps, cfg.pretrain.warmup), torch.Generator().manual_seed(0)
