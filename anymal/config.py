@@ -147,7 +147,7 @@ class PretrainConfig:
     lm_steps: int = 300            # next-token steps on the world's text
     lm_batch: int = 64             # rows per LM step
     lm_block: int = 256            # tokens per LM row: a packed row's length, a document row's limit
-    lm_rows: str = "documents"     # "documents": one document per row, padded (a question sees only its own scene);
+    lm_rows: str = "documents"     # "documents": each token sees only its own document (a question, its own scene);
                                    # "packed": documents concatenated into full rows of `lm_block` (GPT-style)
     lm_lr: float = 3e-3            # AdamW peak LR for the tiny LLaMA (small models take large LRs)
     lm_format: str = "chat"        # "chat": the world's text in the stages' chat form; "plain": text/lm_{split}.txt lines
