@@ -19,7 +19,7 @@ fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
   TOKENIZERS_PARALLELISM=false PYTHONWARNINGS=ignore ANYMAL_CACHE=$W/cache OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 nvidia-smi --query-gpu=name,memory.total --format=csv 2>&1 | tee "$OUTD/gpu.txt"
-nproc | tee -a "$OUTD/gpu.txt"
+nproc --all | tee -a "$OUTD/gpu.txt"
 "$PY" -c "import torch, transformers, peft, open_clip; print('torch', torch.__version__, torch.cuda.is_available(), 'transformers', transformers.__version__, 'peft', peft.__version__)" 2>&1 | tee -a "$OUTD/gpu.txt"
 
 DRY=()
