@@ -201,21 +201,23 @@ def lm_batches(docs: list[tuple[list[int], list[int]]], p, pad_id: int, seed: in
     return draw
 
 # %% ../nbs/08_pretrain.ipynb #d8fa872e
-def pretrain_llm(cfg: Config, world_root, tok, progress: bool = True, log: Callable | None = None):
+def pretrain_llm(cfg: Config, world_root, tok, progress: bool = True, log: Callable | None = None,
+                 device=None): # where to train (default CPU); the model comes back on the CPU
     "A tiny `LlamaForCausalLM` of `cfg.llm`'s shape trained on the world's train text for `cfg.pretrain.lm_steps` steps."
     p = cfg.pretrain
     if len(tok) > cfg.llm.vocab_size: raise ConfigError(f"llm.vocab_size={cfg.llm.vocab_size} < the tokenizer's {len(tok)} tokens")
     seed_all(cfg.train.seed)
     draw = lm_batches(lm_documents(world_root, cfg, tok), p, tok.pad_token_id, cfg.train.seed)
-    model = random_llm(cfg.llm).train()
+    dev = torch.device(device or "cpu")
+    model = random_llm(cfg.llm).to(dev).train()
     opt = torch.optim.AdamW(model.parameters(), lr=p.lm_lr, betas=(0.9, 0.95), weight_decay=0.1)
     sched, g = _schedule(opt, p.lm_steps, p.warmup), torch.Generator().manual_seed(cfg.train.seed)
     for step in tqdm(range(p.lm_steps), desc="pretrain LLaMA", disable=not progress):
-        loss = model(**draw(g)).loss
+        loss = model(**{k: v.to(dev) for k, v in draw(g).items()}).loss
         opt.zero_grad(set_to_none=True); loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step(); sched.step()
         if log: log(dict(step=step + 1, loss=loss.item(), lr=sched.get_last_lr()[0]))
-    return model.eval()
+    return model.cpu().eval()
 
 # %% ../nbs/08_pretrain.ipynb #a5b756c9
 def _write_log(path: Path):
