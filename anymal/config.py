@@ -134,6 +134,7 @@ class TrainConfig:
     wandb_project: str = ""        # "" = no W&B; otherwise online with a key, offline without one
     compile: bool = False          # torch.compile the LLM blocks
     group_by_length: bool = False  # batch samples of similar length together (less padding; still shuffled and resumable)
+    cpu_bf16: bool = False         # bf16 autocast on a CPU with native bf16 (AVX512-BF16/AMX; ~1.7x at tiny scale); CUDA is always bf16
     cache_features: bool = False   # encode each image once with the frozen CLIP and train on the cached features (tiny: seconds; full: TBs)
 
 # %% ../nbs/00_config.ipynb #11c22d1f
@@ -150,6 +151,7 @@ class PretrainConfig:
     lm_rows: str = "documents"     # "documents": each token sees only its own document (a question, its own scene);
                                    # "packed": documents concatenated into full rows of `lm_block` (GPT-style)
     lm_lr: float = 3e-3            # AdamW peak LR for the tiny LLaMA (small models take large LRs)
+    lm_bf16: bool = False          # bf16 autocast where the CPU has native bf16 (as train.cpu_bf16)
     lm_format: str = "chat"        # "chat": the world's text in the stages' chat form; "plain": text/lm_{split}.txt lines
     lm_targets: str = "assistant"  # chat only: "assistant" trains on the answers (the reading skill), "all" on every token
     warmup: int = 20               # linear warm-up steps of both, then cosine to 10%

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from .config import Config, add_config_args, config_from_args, to_dict, ConfigError
 from .checkpoint import atomic_dir
 from .tokenizer import EOT, load_tokenizer, encode_chat
-from .train import lr_factor, seed_all
+from .train import autocast_for, lr_factor, seed_all
 from .vision import build_clip, clip_preprocess
 from .llm import random_llm
 from .world import DESCRIBE_PROMPT
@@ -213,7 +213,7 @@ def pretrain_llm(cfg: Config, world_root, tok, progress: bool = True, log: Calla
     opt = torch.optim.AdamW(model.parameters(), lr=p.lm_lr, betas=(0.9, 0.95), weight_decay=0.1)
     sched, g = _schedule(opt, p.lm_steps, p.warmup), torch.Generator().manual_seed(cfg.train.seed)
     for step in tqdm(range(p.lm_steps), desc="pretrain LLaMA", disable=not progress):
-        loss = model(**{k: v.to(dev) for k, v in draw(g).items()}).loss
+        with autocast_for(dev, p.lm_bf16): loss = model(**{k: v.to(dev) for k, v in draw(g).items()}).loss
         opt.zero_grad(set_to_none=True); loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step(); sched.step()
         if log: log(dict(step=step + 1, loss=loss.item(), lr=sched.get_last_lr()[0]))

@@ -8,6 +8,17 @@ export MPLBACKEND=Agg PYTHONWARNINGS=${PYTHONWARNINGS:-ignore::DeprecationWarnin
 t0=$SECONDS
 step() { printf '\n== %s (%ss)\n' "$1" "$((SECONDS - t0))"; }
 
+step "free disk space"
+# A full disk fails a run halfway with errors about something else (a PNG that cannot be written): say so up front.
+# The suite needs about 1 GB (tiny worlds, caches, pytest's temporary folders); CI's clone needs ~6 GB more for .venv.
+for d in . "${TMPDIR:-/tmp}"; do
+  free_kb=$(df -Pk "$d" | awk 'NR==2 {print $4}')
+  echo "$d: $((free_kb / 1024)) MiB free"
+  if [ "$free_kb" -lt $((2 * 1024 * 1024)) ]; then
+    echo "FAIL: less than 2 GiB free under $d: free some space (old clones, runs/, ~/.cache/anymal) and run again"; exit 1
+  fi
+done
+
 step "notebooks are clean (nbdev-clean changes nothing)"
 snap() { git diff --no-ext-diff -- nbs lessons | sha256sum; git ls-files -o --exclude-standard -- nbs lessons | xargs -r sha256sum; }
 before=$(snap)

@@ -12,6 +12,7 @@ from anymal.config import tiny, override
 from anymal.tokenizer import load_tokenizer, encode_chat
 from anymal.pretrain import lm_documents, lm_batches, _schedule, _chat
 from anymal.llm import random_llm
+from anymal.train import autocast_for
 torch.set_num_threads(1); torch.manual_seed(0)
 dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # a GPU when there is one
 W, score = sys.argv[1], sys.argv[2] == "--score"
@@ -49,7 +50,7 @@ opt = torch.optim.AdamW(m.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0
 sched, g = _schedule(opt, steps, cfg.pretrain.warmup), torch.Generator().manual_seed(0)
 t0 = time.time(); every = max(steps // 6, 50)
 for step in range(1, steps + 1):
-    loss = m(**{k: v.to(dev) for k, v in draw(g).items()}).loss
+    with autocast_for(dev, cfg.pretrain.lm_bf16): loss = m(**{k: v.to(dev) for k, v in draw(g).items()}).loss
     opt.zero_grad(set_to_none=True); loss.backward(); torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0); opt.step(); sched.step()
     if step % every == 0 or step == steps:
         print(json.dumps({"step": step, "loss": round(loss.item(), 3), "s": round(time.time() - t0), **evaluate(m)}), flush=True)
