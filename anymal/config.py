@@ -151,6 +151,8 @@ class PretrainConfig:
     lm_rows: str = "documents"     # "documents": each token sees only its own document (a question, its own scene);
                                    # "packed": documents concatenated into full rows of `lm_block` (GPT-style)
     lm_lr: float = 3e-3            # AdamW peak LR for the tiny LLaMA (small models take large LRs)
+    lm_scenes: int = 0             # text-only scenes drawn like the train split's, added to the LLaMA's documents (anymal.pretrain.text_scenes)
+    lm_per_type: int = 4           # questions of each type per text-only scene (the world asks 2 per image)
     lm_bf16: bool = False          # bf16 autocast where the CPU has native bf16 (as train.cpu_bf16)
     lm_format: str = "chat"        # "chat": the world's text in the stages' chat form; "plain": text/lm_{split}.txt lines
     lm_targets: str = "assistant"  # chat only: "assistant" trains on the answers (the reading skill), "all" on every token

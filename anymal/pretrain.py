@@ -17,17 +17,17 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from .config import Config, add_config_args, config_from_args, to_dict, ConfigError
 from .checkpoint import atomic_dir
-from .tokenizer import EOT, load_tokenizer, encode_chat
+from .tokenizer import EOT, load_tokenizer, encode_chat, encode_chats
 from .train import autocast_for, lr_factor, seed_all
 from .vision import build_clip, clip_preprocess
 from .llm import random_llm
-from .world import DESCRIBE_PROMPT
+from .world import DESCRIBE_PROMPT, sample_scene, describe, captions, make_qa
 
 # %% auto #0
 __all__ = ['PRETRAIN_VERSION', 'DONE', 'LLM_SHAPE', 'VISION_SHAPE', 'cache_root', 'file_lock', 'cached', 'world_fingerprint',
            'cache_key', 'clip_text_ids', 'caption_pairs', 'load_pixels', 'clip_loss', 'pretrain_clip', 'scene_chats',
-           'lm_documents', 'pack', 'doc_rows', 'lm_batches', 'pretrain_llm', 'world_tokenizer_dir', 'with_pretrained',
-           'pretrain_main']
+           'text_scenes', 'lm_documents', 'pack', 'doc_rows', 'lm_batches', 'pretrain_llm', 'world_tokenizer_dir',
+           'with_pretrained', 'pretrain_main']
 
 # %% ../nbs/08_pretrain.ipynb #1759b4d5
 PRETRAIN_VERSION = 1  # bump when the pretraining code changes what it produces: old cache entries stop matching
@@ -150,6 +150,16 @@ def scene_chats(scene: dict, cfg: Config, rng: random.Random, turns: int = 4) ->
     return chats + [_chat(d, qa[i:i + turns]) for i in range(0, len(qa), turns)]
 
 # %% ../nbs/08_pretrain.ipynb #ba1636d8
+def text_scenes(root, # a world folder (its world.json says the held-out pairs and the image size)
+                cfg: Config) -> list[dict]:
+    "`pretrain.lm_scenes` scenes drawn as the world draws its train split, as text only: description, captions, `pretrain.lm_per_type` questions of each type."
+    info, n = json.loads((Path(root) / "world.json").read_text()), cfg.pretrain.lm_scenes
+    rng, held, out = random.Random(f"lm-text/{cfg.data.world_seed}"), {tuple(h) for h in info["heldout_combos"]}, []
+    for _ in range(n):  # held-out colour-shape pairs never appear, as in the train split
+        s = sample_scene(rng, "train", held, info["image_size"])
+        out.append(dict(s, description=describe(s), captions=captions(s, rng), qa=make_qa(s, rng, cfg.pretrain.lm_per_type, "train", held)))
+    return out
+
 def lm_documents(root, cfg: Config, tok, split: str = "train") -> list[tuple[list[int], list[int]]]:
     "`(ids, labels)` of every pretraining document of `split` (`cfg.pretrain.lm_format`: chat or plain)."
     root, rng, p = Path(root), random.Random(f"lm/{cfg.train.seed}/{split}"), cfg.pretrain
@@ -159,7 +169,9 @@ def lm_documents(root, cfg: Config, tok, split: str = "train") -> list[tuple[lis
     if p.lm_format != "chat": raise ConfigError(f"pretrain.lm_format={p.lm_format!r}: choose 'chat' or 'plain'")
     if p.lm_targets not in ("assistant", "all"): raise ConfigError(f"pretrain.lm_targets={p.lm_targets!r}: choose 'assistant' or 'all'")
     scenes = json.loads((root / "scenes" / f"{split}.json").read_text())["scenes"]
-    encs = [encode_chat(tok, c, 1, name=f"scene {s['image_id']}") for s in scenes for c in scene_chats(s, cfg, rng)]
+    scenes += text_scenes(root, cfg) if split == "train" else []
+    chats = [(c, f"scene {s.get('image_id', f'text {i}')}") for i, s in enumerate(scenes) for c in scene_chats(s, cfg, rng)]
+    encs = encode_chats(tok, [c for c, _ in chats], [n for _, n in chats])
     return [(e["input_ids"], e["labels"] if p.lm_targets == "assistant" else e["input_ids"]) for e in encs]
 
 def pack(docs: list[tuple[list[int], list[int]]], block: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

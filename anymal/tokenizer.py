@@ -15,7 +15,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 # %% auto #0
 __all__ = ['BOS', 'EOT', 'END', 'HEADER_START', 'HEADER_END', 'IMAGE_TOKEN', 'PAD_TOKEN', 'IMAGE_MARKER', 'SPECIAL_TOKENS',
-           'LLAMA3_CHAT_TEMPLATE', 'LLAMA3_PATTERN', 'train_tokenizer', 'load_tokenizer', 'BadRecord', 'encode_chat']
+           'LLAMA3_CHAT_TEMPLATE', 'LLAMA3_PATTERN', 'train_tokenizer', 'load_tokenizer', 'BadRecord', 'encode_chat',
+           'encode_chats']
 
 # %% ../nbs/06_tokenizer.ipynb #63e942cd
 BOS, EOT, END = "<|begin_of_text|>", "<|eot_id|>", "<|end_of_text|>"
@@ -128,3 +129,39 @@ def encode_chat(tok, # a tokenizer with LLaMA-3's chat template
     if n_img % n_latents or (len(ids) == len(enc["input_ids"]) and n_img != n_markers * n_latents):
         raise BadRecord(f"{name}: {n_img} image tokens for {n_markers} <image> markers of {n_latents} tokens")
     return dict(input_ids=ids, labels=labels, n_images=n_img // n_latents, turns=sum(e <= len(ids) for e in ends))
+
+# %% ../nbs/06_tokenizer.ipynb #b4893730
+def _llama3_text(messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    "LLaMA-3's chat format of `messages`, and the character spans of each assistant turn's content + <|eot_id|>."
+    text, spans = BOS, []
+    for m in messages:
+        head = f"{HEADER_START}{m['role']}{HEADER_END}\n\n"
+        a = len(text) + len(head); text += head + m["content"].strip() + EOT
+        if m["role"] == "assistant": spans.append((a, len(text)))
+    return text, spans
+
+def encode_chats(tok, # a tokenizer with LLaMA-3's chat template
+                 chats: list[list[dict]], # text-only conversations (no `<image>`)
+                 names: list[str] | None = None, # how errors name each conversation
+                ) -> list[dict]:
+    "`encode_chat(tok, chat, 1)` for many text-only conversations: ids and labels (-100 except answers + <|eot_id|>)."
+    names = names or [f"conversation {i}" for i in range(len(chats))]
+    texts, spans, checked = [], [], set()
+    for chat, name in zip(chats, names):
+        _check_messages(tok, chat, name, need_answer=True)
+        if any(IMAGE_MARKER in m["content"] for m in chat): raise BadRecord(f"{name}: has an {IMAGE_MARKER}: use encode_chat")
+        t, s = _llama3_text(chat)
+        roles = tuple(m["role"] for m in chat)  # the template is checked once for each sequence of roles
+        if roles not in checked:
+            if t != _render(tok, chat): raise ValueError(f"{name}: the tokenizer's chat template is not LLaMA-3's: use encode_chat")
+            checked.add(roles)
+        texts.append(t); spans.append(s)
+    enc, out = tok(texts, add_special_tokens=False, return_offsets_mapping=True), []
+    for ids, offs, s, name in zip(enc["input_ids"], enc["offset_mapping"], spans, names):
+        starts, labels = [a for a, _ in offs], [-100] * len(ids)
+        for a, b in s:
+            i, j = bisect_left(starts, a), bisect_left(starts, b)
+            if starts[i] != a or offs[j - 1][1] != b: raise BadRecord(f"{name}: a token crosses an assistant turn boundary")
+            labels[i:j] = ids[i:j]
+        out.append(dict(input_ids=ids, labels=labels, n_images=0, turns=len(s)))
+    return out
