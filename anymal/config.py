@@ -134,7 +134,7 @@ class TrainConfig:
     wandb_project: str = ""        # "" = no W&B; otherwise online with a key, offline without one
     compile: bool = False          # torch.compile the LLM blocks
     group_by_length: bool = False  # batch samples of similar length together (less padding; still shuffled and resumable)
-    cpu_bf16: bool = False         # bf16 autocast on a CPU with native bf16 (AVX512-BF16/AMX; ~1.7x at tiny scale); CUDA is always bf16
+    cpu_bf16: bool = False         # bf16 autocast on a CPU with native bf16 (AVX512-BF16/AMX; 1.3-1.5x a tiny step); CUDA is always bf16
     cache_features: bool = False   # encode each image once with the frozen CLIP and train on the cached features (tiny: seconds; full: TBs)
 
 # %% ../nbs/00_config.ipynb #11c22d1f

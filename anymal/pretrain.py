@@ -6,7 +6,7 @@ Docs: https://anymal-course.github.io/anymal/pretrain.html.md"""
 
 # %% ../nbs/08_pretrain.ipynb #f364d1e8
 from __future__ import annotations
-import argparse, dataclasses, fcntl, hashlib, json, os, random, shutil, time
+import argparse, dataclasses, fcntl, hashlib, json, os, random, shutil, time, warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from .config import Config, add_config_args, config_from_args, to_dict, ConfigError
 from .checkpoint import atomic_dir
 from .tokenizer import EOT, load_tokenizer, encode_chat, encode_chats
-from .train import autocast_for, lr_factor, seed_all
+from .train import autocast_for, cpu_has_bf16, lr_factor, seed_all
 from .vision import build_clip, clip_preprocess
 from .llm import random_llm
 from .world import DESCRIBE_PROMPT, sample_scene, describe, captions, make_qa
@@ -221,6 +221,8 @@ def pretrain_llm(cfg: Config, world_root, tok, progress: bool = True, log: Calla
     seed_all(cfg.train.seed)
     draw = lm_batches(lm_documents(world_root, cfg, tok), p, tok.pad_token_id, cfg.train.seed)
     dev = torch.device(device or "cpu")
+    if p.lm_bf16 and dev.type == "cpu" and not cpu_has_bf16():
+        warnings.warn("pretrain.lm_bf16=True, but this CPU has no native bf16 (AVX512-BF16 or AMX): pretraining in fp32")
     model = random_llm(cfg.llm).to(dev).train()
     opt = torch.optim.AdamW(model.parameters(), lr=p.lm_lr, betas=(0.9, 0.95), weight_decay=0.1)
     sched, g = _schedule(opt, p.lm_steps, p.warmup), torch.Generator().manual_seed(cfg.train.seed)
