@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from .config import Config, add_config_args, config_from_args, to_dict, ConfigError
 from .checkpoint import atomic_dir
-from .tokenizer import EOT, load_tokenizer, encode_chat, encode_chats
+from .tokenizer import EOT, load_tokenizer, encode_chats
 from .train import autocast_for, cpu_has_bf16, lr_factor, seed_all
 from .vision import build_clip, clip_preprocess
 from .llm import random_llm
