@@ -6,7 +6,7 @@ Docs: https://anymal-course.github.io/anymal/pretrain.html.md"""
 
 # %% ../nbs/08_pretrain.ipynb #f364d1e8
 from __future__ import annotations
-import argparse, dataclasses, fcntl, hashlib, json, os, random, shutil, time, warnings
+import argparse, dataclasses, fcntl, hashlib, json, os, random, shutil, time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from .config import Config, add_config_args, config_from_args, to_dict, ConfigError
 from .checkpoint import atomic_dir
 from .tokenizer import EOT, load_tokenizer, encode_chats
-from .train import autocast_for, cpu_has_bf16, lr_factor, seed_all
+from .train import autocast_for, lr_factor, seed_all
 from .vision import build_clip, clip_preprocess
 from .llm import random_llm
 from .world import DESCRIBE_PROMPT, sample_scene, describe, captions, make_qa
@@ -155,9 +155,10 @@ def text_scenes(root, # a world folder (its world.json says the held-out pairs a
     "`pretrain.lm_scenes` scenes drawn as the world draws its train split, as text only: description, captions, `pretrain.lm_per_type` questions of each type."
     info, n = json.loads((Path(root) / "world.json").read_text()), cfg.pretrain.lm_scenes
     rng, held, out = random.Random(f"lm-text/{cfg.data.world_seed}"), {tuple(h) for h in info["heldout_combos"]}, []
-    for _ in range(n):  # held-out colour-shape pairs never appear, as in the train split
+    for k in range(n):  # held-out colour-shape pairs never appear, as in the train split
         s = sample_scene(rng, "train", held, info["image_size"])
-        out.append(dict(s, description=describe(s), captions=captions(s, rng), qa=make_qa(s, rng, cfg.pretrain.lm_per_type, "train", held)))
+        out.append(dict(s, image_id=f"text {k}", description=describe(s), captions=captions(s, rng),
+                        qa=make_qa(s, rng, cfg.pretrain.lm_per_type, "train", held)))
     return out
 
 def lm_documents(root, cfg: Config, tok, split: str = "train") -> list[tuple[list[int], list[int]]]:
@@ -170,7 +171,7 @@ def lm_documents(root, cfg: Config, tok, split: str = "train") -> list[tuple[lis
     if p.lm_targets not in ("assistant", "all"): raise ConfigError(f"pretrain.lm_targets={p.lm_targets!r}: choose 'assistant' or 'all'")
     scenes = json.loads((root / "scenes" / f"{split}.json").read_text())["scenes"]
     scenes += text_scenes(root, cfg) if split == "train" else []
-    chats = [(c, f"scene {s.get('image_id', f'text {i}')}") for i, s in enumerate(scenes) for c in scene_chats(s, cfg, rng)]
+    chats = [(c, f"scene {s['image_id']}") for s in scenes for c in scene_chats(s, cfg, rng)]
     encs = encode_chats(tok, [c for c, _ in chats], [n for _, n in chats])
     return [(e["input_ids"], e["labels"] if p.lm_targets == "assistant" else e["input_ids"]) for e in encs]
 
@@ -221,8 +222,6 @@ def pretrain_llm(cfg: Config, world_root, tok, progress: bool = True, log: Calla
     seed_all(cfg.train.seed)
     draw = lm_batches(lm_documents(world_root, cfg, tok), p, tok.pad_token_id, cfg.train.seed)
     dev = torch.device(device or "cpu")
-    if p.lm_bf16 and dev.type == "cpu" and not cpu_has_bf16():
-        warnings.warn("pretrain.lm_bf16=True, but this CPU has no native bf16 (AVX512-BF16 or AMX): pretraining in fp32")
     model = random_llm(cfg.llm).to(dev).train()
     opt = torch.optim.AdamW(model.parameters(), lr=p.lm_lr, betas=(0.9, 0.95), weight_decay=0.1)
     sched, g = _schedule(opt, p.lm_steps, p.warmup), torch.Generator().manual_seed(cfg.train.seed)

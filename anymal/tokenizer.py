@@ -102,6 +102,15 @@ def _assistant_spans(tok, messages: list[dict], full: str, name: str) -> list[tu
     return spans
 
 # %% ../nbs/06_tokenizer.ipynb #1e1de6ab
+def _span_labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]], name: str) -> tuple[list[int], list[int]]:
+    "Labels of `ids` (-100 outside the character `spans`), and the token index where each span ends."
+    starts, labels, ends = [a for a, _ in offsets], [-100] * len(ids), []
+    for a, b in spans:
+        i, j = bisect_left(starts, a), bisect_left(starts, b)
+        if starts[i] != a or offsets[j - 1][1] != b: raise BadRecord(f"{name}: a token crosses an assistant turn boundary")
+        labels[i:j] = ids[i:j]; ends.append(j)
+    return labels, ends
+
 def encode_chat(tok, # a tokenizer with LLaMA-3's chat template
                 messages: list[dict], # [{role, content}], content may contain `<image>` markers
                 n_latents: int, # L: placeholder tokens per image
@@ -115,12 +124,8 @@ def encode_chat(tok, # a tokenizer with LLaMA-3's chat template
     full = _render(tok, msgs, add_generation_prompt)
     spans = [] if add_generation_prompt else _assistant_spans(tok, msgs, full, name)
     enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
-    ids, starts = enc["input_ids"], [s for s, _ in enc["offset_mapping"]]
-    labels, ends = [-100] * len(ids), []
-    for a, b in spans:
-        i, j = bisect_left(starts, a), bisect_left(starts, b)
-        if starts[i] != a or enc["offset_mapping"][j - 1][1] != b: raise BadRecord(f"{name}: a token crosses an assistant turn boundary")
-        labels[i:j], _ = ids[i:j], ends.append(j)
+    ids = enc["input_ids"]
+    labels, ends = _span_labels(ids, enc["offset_mapping"], spans, name)
     if max_len is not None and len(ids) > max_len:
         fit = [e for e in ends if e <= max_len]
         if not fit: raise BadRecord(f"{name}: {len(ids)} tokens and the first answer ends at token {ends[0] if ends else len(ids)}, beyond max_len={max_len}", "too long")
@@ -158,10 +163,5 @@ def encode_chats(tok, # a tokenizer with LLaMA-3's chat template
         texts.append(t); spans.append(s)
     enc, out = tok(texts, add_special_tokens=False, return_offsets_mapping=True), []
     for ids, offs, s, name in zip(enc["input_ids"], enc["offset_mapping"], spans, names):
-        starts, labels = [a for a, _ in offs], [-100] * len(ids)
-        for a, b in s:
-            i, j = bisect_left(starts, a), bisect_left(starts, b)
-            if starts[i] != a or offs[j - 1][1] != b: raise BadRecord(f"{name}: a token crosses an assistant turn boundary")
-            labels[i:j] = ids[i:j]
-        out.append(dict(input_ids=ids, labels=labels, n_images=0, turns=len(s)))
+        out.append(dict(input_ids=ids, labels=_span_labels(ids, offs, s, name)[0], n_images=0, turns=len(s)))
     return out

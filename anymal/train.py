@@ -79,7 +79,10 @@ def cpu_has_bf16() -> bool:
 def autocast_for(device: torch.device, cpu_bf16: bool = False):
     "bf16 autocast on CUDA; on the CPU too if `cpu_bf16` and the CPU has native bf16; full fp32 elsewhere."
     if device.type == "cuda": return torch.autocast("cuda", dtype=torch.bfloat16)
-    if cpu_bf16 and device.type == "cpu" and cpu_has_bf16(): return torch.autocast("cpu", dtype=torch.bfloat16)
+    if cpu_bf16 and device.type == "cpu":
+        if cpu_has_bf16(): return torch.autocast("cpu", dtype=torch.bfloat16)
+        warnings.warn("bf16 autocast asked for (train.cpu_bf16 / pretrain.lm_bf16), but this CPU has no native bf16 "
+                      "(AVX512-BF16 or AMX), where it would be slower: computing in fp32")
     return nullcontext()
 
 def seed_all(seed: int):
@@ -109,8 +112,6 @@ class Trainer:
         self.raw = model
         if any(p.device != self.d.device for p in model.parameters()): model.to(self.d.device)
         self.mode = apply_mode(model, cfg, self.d.device)  # train.mode's memory/speed levers (anymal.modes)
-        if self.tc.cpu_bf16 and self.d.device.type == "cpu" and not cpu_has_bf16():
-            warnings.warn("train.cpu_bf16=True, but this CPU has no native bf16 (AVX512-BF16 or AMX): training in fp32")
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.model = self.raw
         if self.d.ddp:
