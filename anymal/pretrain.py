@@ -154,6 +154,8 @@ def text_scenes(root, # a world folder (its world.json says the held-out pairs a
                 cfg: Config) -> list[dict]:
     "`pretrain.lm_scenes` scenes drawn as the world draws its train split, as text only: description, captions, `pretrain.lm_per_type` questions of each type."
     info, n = json.loads((Path(root) / "world.json").read_text()), cfg.pretrain.lm_scenes
+    for k in ("lm_scenes", "lm_per_type"):
+        if getattr(cfg.pretrain, k) < 0: raise ConfigError(f"pretrain.{k}={getattr(cfg.pretrain, k)}: must be 0 or more")
     rng, held, out = random.Random(f"lm-text/{cfg.data.world_seed}"), {tuple(h) for h in info["heldout_combos"]}, []
     for k in range(n):  # held-out colour-shape pairs never appear, as in the train split
         s = sample_scene(rng, "train", held, info["image_size"])
