@@ -6,6 +6,7 @@ Docs: https://anymal-course.github.io/anymal/tokenizer.html.md"""
 
 # %% ../nbs/06_tokenizer.ipynb #d05d108c
 from __future__ import annotations
+import weakref
 from bisect import bisect_left
 from itertools import chain
 from pathlib import Path
@@ -111,6 +112,29 @@ def _span_labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[tup
         labels[i:j] = ids[i:j]; ends.append(j)
     return labels, ends
 
+def _llama3_text(messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    "LLaMA-3's chat format of `messages`, and the character spans of each assistant turn's content + <|eot_id|>."
+    text, spans = BOS, []
+    for m in messages:
+        head = f"{HEADER_START}{m['role']}{HEADER_END}\n\n"
+        a = len(text) + len(head); text += head + m["content"].strip() + EOT
+        if m["role"] == "assistant": spans.append((a, len(text)))
+    return text, spans
+
+_LLAMA3 = weakref.WeakKeyDictionary()  # tokenizer -> {(template, roles, generation prompt): renders as LLaMA-3?}
+
+def _chat_text(tok, msgs: list[dict], gen: bool, name: str) -> tuple[str, list[tuple[int, int]]]:
+    "`msgs` as the tokenizer's template renders them, and the assistant spans: written directly where that is checked to be LLaMA-3's format."
+    text, spans = _llama3_text(msgs)
+    if gen: text, spans = text + f"{HEADER_START}assistant{HEADER_END}\n\n", []
+    seen, key = _LLAMA3.setdefault(tok, {}), (tok.chat_template, tuple(m["role"] for m in msgs), gen)
+    if key not in seen:  # once for each sequence of roles: the template's own render, turn by turn
+        full = _render(tok, msgs, gen)
+        seen[key] = full == text and (gen or _assistant_spans(tok, msgs, full, name) == spans)
+    if seen[key]: return text, spans
+    full = _render(tok, msgs, gen)
+    return full, [] if gen else _assistant_spans(tok, msgs, full, name)
+
 def encode_chat(tok, # a tokenizer with LLaMA-3's chat template
                 messages: list[dict], # [{role, content}], content may contain `<image>` markers
                 n_latents: int, # L: placeholder tokens per image
@@ -121,8 +145,7 @@ def encode_chat(tok, # a tokenizer with LLaMA-3's chat template
     _check_messages(tok, messages, name, need_answer=not add_generation_prompt)
     n_markers = sum(m["content"].count(IMAGE_MARKER) for m in messages)
     msgs = [dict(m, content=m["content"].replace(IMAGE_MARKER, IMAGE_TOKEN * n_latents)) for m in messages]
-    full = _render(tok, msgs, add_generation_prompt)
-    spans = [] if add_generation_prompt else _assistant_spans(tok, msgs, full, name)
+    full, spans = _chat_text(tok, msgs, add_generation_prompt, name)
     enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"]
     labels, ends = _span_labels(ids, enc["offset_mapping"], spans, name)
@@ -136,31 +159,17 @@ def encode_chat(tok, # a tokenizer with LLaMA-3's chat template
     return dict(input_ids=ids, labels=labels, n_images=n_img // n_latents, turns=sum(e <= len(ids) for e in ends))
 
 # %% ../nbs/06_tokenizer.ipynb #b4893730
-def _llama3_text(messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    "LLaMA-3's chat format of `messages`, and the character spans of each assistant turn's content + <|eot_id|>."
-    text, spans = BOS, []
-    for m in messages:
-        head = f"{HEADER_START}{m['role']}{HEADER_END}\n\n"
-        a = len(text) + len(head); text += head + m["content"].strip() + EOT
-        if m["role"] == "assistant": spans.append((a, len(text)))
-    return text, spans
-
 def encode_chats(tok, # a tokenizer with LLaMA-3's chat template
                  chats: list[list[dict]], # text-only conversations (no `<image>`)
                  names: list[str] | None = None, # how errors name each conversation
                 ) -> list[dict]:
     "`encode_chat(tok, chat, 1)` for many text-only conversations: ids and labels (-100 except answers + <|eot_id|>)."
     names = names or [f"conversation {i}" for i in range(len(chats))]
-    texts, spans, checked = [], [], set()
+    texts, spans = [], []
     for chat, name in zip(chats, names):
         _check_messages(tok, chat, name, need_answer=True)
         if any(IMAGE_MARKER in m["content"] for m in chat): raise BadRecord(f"{name}: has an {IMAGE_MARKER}: use encode_chat")
-        t, s = _llama3_text(chat)
-        roles = tuple(m["role"] for m in chat)  # the template is checked once for each sequence of roles
-        if roles not in checked:
-            if t != _render(tok, chat): raise ValueError(f"{name}: the tokenizer's chat template is not LLaMA-3's: use encode_chat")
-            checked.add(roles)
-        texts.append(t); spans.append(s)
+        t, s = _chat_text(tok, chat, False, name); texts.append(t); spans.append(s)
     enc, out = tok(texts, add_special_tokens=False, return_offsets_mapping=True), []
     for ids, offs, s, name in zip(enc["input_ids"], enc["offset_mapping"], spans, names):
         out.append(dict(input_ids=ids, labels=_span_labels(ids, offs, s, name)[0], n_images=0, turns=len(s)))
