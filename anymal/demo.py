@@ -95,7 +95,8 @@ DEMO_RECIPES = {  # the demo's settings over its preset (docs/tiny-recipe.md): {
                  "pretrain.clip_batch=64", "pretrain.clip_lr=1e-4",  # a light contrastive pass: at 1e-3 the tower loses shape
                  "pretrain.lm_steps=1500", "pretrain.lm_lr=1e-3",  # the tiny LLaMA learns to look things up (3e-3: it does not)
                  "pretrain.lm_scenes=16000",  # from text it cannot recall: 16,000 more scenes, as text only
-                 "pretrain.lm_bf16=true", "train.cpu_bf16=true"]}}  # bf16 where the CPU has it natively: ~1.3-1.5x a step
+                 "pretrain.lm_bf16=true", "train.cpu_bf16=true",  # bf16 where the CPU has it natively: ~1.3-1.5x a step
+                 "llm.attn=eager"]}}  # short rows: plain matmul attention beats SDPA's CPU kernel (its backward above all)
 
 def demo_sets(preset: str, sets=(), stage_sets: dict | None = None) -> tuple[list[str], dict]:
     "The demo's recipe for `preset`, then the user's `sets` and `stage_sets` (which win): `(sets, {1: [...], 2: [...]})`."

@@ -21,16 +21,17 @@ from .tokenizer import EOT, load_tokenizer, encode_chats
 from .train import autocast_for, lr_factor, seed_all
 from .vision import build_clip, clip_preprocess
 from .llm import random_llm
+from .model import chunked_ce
 from .world import DESCRIBE_PROMPT, sample_scene, describe, captions, make_qa
 
 # %% auto #0
 __all__ = ['PRETRAIN_VERSION', 'DONE', 'LLM_SHAPE', 'VISION_SHAPE', 'cache_root', 'file_lock', 'cached', 'world_fingerprint',
            'cache_key', 'clip_text_ids', 'caption_pairs', 'load_pixels', 'clip_loss', 'pretrain_clip', 'scene_chats',
-           'text_scenes', 'lm_documents', 'pack', 'doc_rows', 'lm_batches', 'pretrain_llm', 'world_tokenizer_dir',
-           'with_pretrained', 'pretrain_main']
+           'text_scenes', 'lm_documents', 'pack', 'doc_rows', 'lm_batches', 'lm_loss', 'pretrain_llm',
+           'world_tokenizer_dir', 'with_pretrained', 'pretrain_main']
 
 # %% ../nbs/08_pretrain.ipynb #1759b4d5
-PRETRAIN_VERSION = 1  # bump when the pretraining code changes what it produces: old cache entries stop matching
+PRETRAIN_VERSION = 2  # bump when the pretraining code changes what it produces: old cache entries stop matching
 DONE = "DONE"
 
 def cache_root() -> Path:
@@ -187,12 +188,13 @@ def pack(docs: list[tuple[list[int], list[int]]], block: int, seed: int = 0) -> 
     return ids[:n * block].view(n, block), labels[:n * block].view(n, block)
 
 def doc_rows(docs: list[tuple[list[int], list[int]]], idx: list[int], pad_id: int, block: int) -> dict:
-    "Documents `idx` (each cut at `block` tokens) packed in order into rows of at most `block` tokens, as model kwargs in which every token sees only its own document."
-    rows, segs = [[]], [[]]
-    for k, i in enumerate(idx):
+    "Documents `idx` (each cut at `block` tokens) packed into rows of at most `block` tokens, as model kwargs in which every token sees only its own document."
+    rows, segs, room = [], [], []  # first fit, longest first: fewer, fuller rows than filling them in order
+    for k, i in sorted(enumerate(idx), key=lambda ki: -len(docs[ki[1]][0][:block])):
         x = docs[i][0][:block]
-        if len(rows[-1]) + len(x) > block: rows.append([]); segs.append([])
-        rows[-1] += [(t, y, p) for p, (t, y) in enumerate(zip(x, docs[i][1][:block]))]; segs[-1] += [k] * len(x)
+        r = next((r for r, n in enumerate(room) if n >= len(x)), None)
+        if r is None: rows.append([]); segs.append([]); room.append(block); r = len(rows) - 1
+        rows[r] += [(t, y, p) for p, (t, y) in enumerate(zip(x, docs[i][1][:block]))]; segs[r] += [k] * len(x); room[r] -= len(x)
     T = max(len(r) for r in rows)
     ids = torch.full((len(rows), T), pad_id, dtype=torch.long); labels = torch.full((len(rows), T), -100, dtype=torch.long)
     pos, seg = torch.zeros(len(rows), T, dtype=torch.long), torch.full((len(rows), T), -1, dtype=torch.long)
@@ -200,7 +202,9 @@ def doc_rows(docs: list[tuple[list[int], list[int]]], idx: list[int], pad_id: in
         ids[b, :len(r)], labels[b, :len(r)], pos[b, :len(r)] = (torch.tensor(c) for c in zip(*r))
         seg[b, :len(s)] = torch.tensor(s)
     causal = torch.ones(T, T, dtype=torch.bool).tril()
-    mask = (causal & (seg[:, :, None] == seg[:, None, :]))[:, None]  # (R, 1, T, T): block-diagonal causal (padding sees padding)
+    keep = (causal & (seg[:, :, None] == seg[:, None, :]))[:, None]  # (R, 1, T, T): block-diagonal causal (padding sees padding)
+    mask = torch.zeros(keep.shape).masked_fill_(~keep, torch.finfo(torch.float32).min)  # additive, as both eager attention
+    # and SDPA read it (eager attention adds a boolean mask as 0/1, which hides nothing)
     return dict(input_ids=ids, labels=labels, attention_mask=mask, position_ids=pos)
 
 def lm_batches(docs: list[tuple[list[int], list[int]]], p, pad_id: int, seed: int = 0):
@@ -216,6 +220,13 @@ def lm_batches(docs: list[tuple[list[int], list[int]]], p, pad_id: int, seed: in
     return draw
 
 # %% ../nbs/08_pretrain.ipynb #d8fa872e
+def lm_loss(model, # a `LlamaForCausalLM`
+            batch: dict, # `lm_batches` rows: input_ids, labels (-100: not a target) and maybe attention_mask, position_ids
+            chunk: int = 1024) -> torch.Tensor: # rows of logits alive at once
+    "`model(**batch).loss`, with the LM head run on the labelled positions only (an eighth of a chat document's tokens)."
+    h = model.model(**{k: v for k, v in batch.items() if k != "labels"}).last_hidden_state
+    return chunked_ce(h, batch["labels"], model.lm_head, chunk)[0]
+
 def pretrain_llm(cfg: Config, world_root, tok, progress: bool = True, log: Callable | None = None,
                  device=None): # where to train (default CPU); the model comes back on the CPU
     "A tiny `LlamaForCausalLM` of `cfg.llm`'s shape trained on the world's train text for `cfg.pretrain.lm_steps` steps."
@@ -228,7 +239,7 @@ def pretrain_llm(cfg: Config, world_root, tok, progress: bool = True, log: Calla
     opt = torch.optim.AdamW(model.parameters(), lr=p.lm_lr, betas=(0.9, 0.95), weight_decay=0.1)
     sched, g = _schedule(opt, p.lm_steps, p.warmup), torch.Generator().manual_seed(cfg.train.seed)
     for step in tqdm(range(p.lm_steps), desc="pretrain LLaMA", disable=not progress):
-        with autocast_for(dev, p.lm_bf16): loss = model(**{k: v.to(dev) for k, v in draw(g).items()}).loss
+        with autocast_for(dev, p.lm_bf16): loss = lm_loss(model, {k: v.to(dev) for k, v in draw(g).items()}, cfg.llm.loss_chunk)
         opt.zero_grad(set_to_none=True); loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0); opt.step(); sched.step()
         if log: log(dict(step=step + 1, loss=loss.item(), lr=sched.get_last_lr()[0]))

@@ -11,7 +11,7 @@ import torch
 from anymal.config import tiny, override
 from anymal.demo import DEMO_RECIPES
 from anymal.llm import random_llm
-from anymal.pretrain import lm_batches, lm_documents
+from anymal.pretrain import lm_batches, lm_documents, lm_loss
 from anymal.tokenizer import load_tokenizer
 from anymal.train import autocast_for, cpu_has_bf16
 from anymal.world import world_main
@@ -32,7 +32,7 @@ for n in threads:
         m = random_llm(cfg.llm).train(); opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
         for i, b in enumerate(rows):
             if i == 5: t0 = time.perf_counter()  # 5 warm-up steps
-            with autocast_for(torch.device("cpu"), bf16): loss = m(**b).loss
+            with autocast_for(torch.device("cpu"), bf16): loss = lm_loss(m, b)
             opt.zero_grad(); loss.backward(); opt.step()
         real = sum(int((b["input_ids"] != tok.pad_token_id).sum()) for b in rows[5:]) // (len(rows) - 5)  # non-pad tokens
         print(json.dumps(dict(threads=n, bf16=bf16 and cpu_has_bf16(), s_per_step=round((time.perf_counter() - t0) / (len(rows) - 5), 4),
