@@ -216,6 +216,9 @@ def lm_batches(docs: list[tuple[list[int], list[int]]], p, pad_id: int, seed: in
             i = torch.randint(len(ids), (p.lm_batch,), generator=g)
             return dict(input_ids=ids[i], labels=labels[i])
     else:
+        long = [len(d[0]) for d in docs if len(d[0]) > p.lm_block]
+        if long: raise ConfigError(f"pretrain.lm_block={p.lm_block}: {len(long)} of {len(docs)} documents are longer (up to "
+                                   f"{max(long)} tokens) and would lose their last answers: raise it")
         def draw(g): return doc_rows(docs, torch.randint(len(docs), (p.lm_batch,), generator=g).tolist(), pad_id, p.lm_block)
     return draw
 
