@@ -54,9 +54,9 @@ class MemoEncoder(torch.nn.Module):
     @torch.no_grad()
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:  # (N, 3, H, W) -> (N, 1+P, Dv)
         keys = [hashlib.blake2b(p.cpu().numpy().tobytes(), digest_size=16).digest() for p in pixels]
-        new = [i for i, k in enumerate(keys) if k not in self.memo]
-        if new:
-            for i, f in zip(new, self.encoder(pixels[new])): self.memo[keys[i]] = f
+        new = {k: i for i, k in reversed(list(enumerate(keys))) if k not in self.memo}  # each new image once (a batch
+        if new:                                                                         # asks ~10 questions of each)
+            for k, f in zip(new, self.encoder(pixels[list(new.values())])): self.memo[k] = f
         return torch.stack([self.memo[k] for k in keys])
 
 def memo_assistant(checkpoint):
