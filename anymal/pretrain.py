@@ -189,18 +189,19 @@ def pack(docs: list[tuple[list[int], list[int]]], block: int, seed: int = 0) -> 
 
 def doc_rows(docs: list[tuple[list[int], list[int]]], idx: list[int], pad_id: int, block: int) -> dict:
     "Documents `idx` (each cut at `block` tokens) packed into rows of at most `block` tokens, as model kwargs in which every token sees only its own document."
-    rows, segs, room = [], [], []  # first fit, longest first: fewer, fuller rows than filling them in order
-    for k, i in sorted(enumerate(idx), key=lambda ki: -len(docs[ki[1]][0][:block])):
-        x = docs[i][0][:block]
-        r = next((r for r, n in enumerate(room) if n >= len(x)), None)
-        if r is None: rows.append([]); segs.append([]); room.append(block); r = len(rows) - 1
-        rows[r] += [(t, y, p) for p, (t, y) in enumerate(zip(x, docs[i][1][:block]))]; segs[r] += [k] * len(x); room[r] -= len(x)
-    T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long); labels = torch.full((len(rows), T), -100, dtype=torch.long)
-    pos, seg = torch.zeros(len(rows), T, dtype=torch.long), torch.full((len(rows), T), -1, dtype=torch.long)
-    for b, (r, s) in enumerate(zip(rows, segs)):
-        ids[b, :len(r)], labels[b, :len(r)], pos[b, :len(r)] = (torch.tensor(c) for c in zip(*r))
-        seg[b, :len(s)] = torch.tensor(s)
+    rows, room = [], []  # first fit, longest first: fewer, fuller rows than filling them in order
+    for k, i in sorted(enumerate(idx), key=lambda ki: -min(len(docs[ki[1]][0]), block)):
+        n = min(len(docs[i][0]), block)
+        r = next((r for r, left in enumerate(room) if left >= n), None)
+        if r is None: rows.append([]); room.append(block); r = len(rows) - 1
+        rows[r].append((k, i)); room[r] -= n
+    T = block - min(room)
+    def row(parts: list, fill) -> list: return [t for p in parts for t in p] + [fill] * (T - sum(map(len, parts)))
+    x = [[docs[i][0][:block] for _, i in r] for r in rows]
+    ids = torch.tensor([row(p, pad_id) for p in x])
+    labels = torch.tensor([row([docs[i][1][:block] for _, i in r], -100) for r in rows])
+    pos = torch.tensor([row([range(len(d)) for d in p], 0) for p in x])
+    seg = torch.tensor([row([[k] * len(d) for (k, _), d in zip(r, p)], -1) for r, p in zip(rows, x)])
     causal = torch.ones(T, T, dtype=torch.bool).tril()
     keep = (causal & (seg[:, :, None] == seg[:, None, :]))[:, None]  # (R, 1, T, T): block-diagonal causal (padding sees padding)
     mask = torch.zeros(keep.shape).masked_fill_(~keep, torch.finfo(torch.float32).min)  # additive, as both eager attention

@@ -170,7 +170,11 @@ def encode_chats(tok, # a tokenizer with LLaMA-3's chat template
         _check_messages(tok, chat, name, need_answer=True)
         if any(IMAGE_MARKER in m["content"] for m in chat): raise BadRecord(f"{name}: has an {IMAGE_MARKER}: use encode_chat")
         t, s = _chat_text(tok, chat, False, name); texts.append(t); spans.append(s)
-    enc, out = tok(texts, add_special_tokens=False, return_offsets_mapping=True), []
-    for ids, offs, s, name in zip(enc["input_ids"], enc["offset_mapping"], spans, names):
+    b, out = getattr(tok, "backend_tokenizer", None), []
+    if b is not None and b.truncation is None and b.padding is None:  # the Rust tokenizer itself: ~25% faster on 100k documents
+        enc = [(e.ids, e.offsets) for e in b.encode_batch(texts, add_special_tokens=False)]
+    else:
+        e = tok(texts, add_special_tokens=False, return_offsets_mapping=True); enc = zip(e["input_ids"], e["offset_mapping"])
+    for (ids, offs), s, name in zip(enc, spans, names):
         out.append(dict(input_ids=ids, labels=_span_labels(ids, offs, s, name)[0], n_images=0, turns=len(s)))
     return out
