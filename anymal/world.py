@@ -110,8 +110,8 @@ def captions(scene: dict, rng: random.Random) -> list[str]:
 # %% ../nbs/05_world.ipynb #612dcef7
 def _unique(objs: list, keys) -> list:
     "The objects that the attributes `keys` single out among `objs`."
-    n = Counter(tuple(o[k] for k in keys) for o in objs)
-    return [o for o in objs if n[tuple(o[k] for k in keys)] == 1]
+    ts = [tuple(o[k] for k in keys) for o in objs]  # 1-4 objects: counting in a list beats building a Counter
+    return [o for o, t in zip(objs, ts) if ts.count(t) == 1]
 
 def _the(o: dict, keys) -> str:
     words = [o[k] for k in ("size", "color", "shape") if k in keys]
