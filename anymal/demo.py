@@ -105,7 +105,7 @@ def train_procs(cfg: Config, # a stage config (`stage_config`); its `train.batch
                 procs: int = 2, # local CPU processes (torchrun, gloo); 1 trains in this process
                 threads: int | None = None, # torch threads of each process (default: this process's, divided by `procs`)
                 progress: bool = True) -> Path:
-    "`train(cfg)` as `procs` processes under torchrun: on 2 cores the stages' small ops run ~1.4x faster as 2 one-thread processes."
+    "`train(cfg)` as `procs` local processes under torchrun (DDP over gloo), or in this process when `procs` is 1."
     if procs <= 1: return train(cfg, progress=progress)
     bs = cfg.train.batch_size
     if bs % procs: raise ConfigError(f"train.batch_size={bs} does not split evenly over {procs} processes")
@@ -201,8 +201,9 @@ def demo_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-limit", type=int, default=None, help="evaluate only the first N questions")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--procs", type=int, default=min(2, os.cpu_count() or 1),
-                    help="train each stage as N local processes (torchrun, gloo), the batch split over them (default: 2 "
-                         "where there are 2 cores or more); their threads: --threads (or torch's choice) divided by N")
+                    help="train each stage as N local processes (torchrun, gloo), the global batch split over them; their "
+                         "threads: --threads (or torch's choice) divided by N (default: 2 where there are 2 cores or more; "
+                         "1 trains in this process)")
     ap.add_argument("--curve", action="store_true", help="afterwards, evaluate every stage-2 checkpoint: accuracy against time")
     ap.add_argument("--curve-limit", type=int, default=600, help="test questions per checkpoint for --curve (default 600)")
     ap.add_argument("--no-progress", action="store_true")

@@ -127,7 +127,8 @@ def _chat_text(tok, msgs: list[dict], gen: bool, name: str) -> tuple[str, list[t
     "`msgs` as the tokenizer's template renders them, and the assistant spans: written directly where that is checked to be LLaMA-3's format."
     text, spans = _llama3_text(msgs)
     if gen: text, spans = text + f"{HEADER_START}assistant{HEADER_END}\n\n", []
-    seen, key = _LLAMA3.setdefault(tok, {}), (tok.chat_template, tuple(m["role"] for m in msgs), gen)
+    padded = any(m["content"] != m["content"].strip() for m in msgs)  # LLaMA-3 trims: checked apart from untrimmed content
+    seen, key = _LLAMA3.setdefault(tok, {}), (tok.chat_template, tuple(m["role"] for m in msgs), gen, padded)
     if key not in seen:  # once for each sequence of roles: the template's own render, turn by turn
         full = _render(tok, msgs, gen)
         seen[key] = full == text and (gen or _assistant_spans(tok, msgs, full, name) == spans)

@@ -14,7 +14,7 @@ def test_reduced_demo(tmp_path):
     out = tmp_path / "demo"
     t0 = time.time()
     r = subprocess.run([sys.executable, "-m", "anymal.cli", "demo", "--out", str(out), "--no-progress", "--eval-limit", "300",
-                        "--curve", "--curve-limit", "100", *[a for s in REDUCED for a in ("--set", s)], *STAGES],
+                        "--curve", "--curve-limit", "100", "--procs", "2", *[a for s in REDUCED for a in ("--set", s)], *STAGES],
                        capture_output=True, text=True, env=env, timeout=600)
     print(f"reduced demo: {time.time() - t0:.0f} s")  # wall time is reported, not asserted: timings belong in benchmarks
     assert r.returncode == 0, r.stderr[-3000:]
@@ -24,6 +24,8 @@ def test_reduced_demo(tmp_path):
     assert set(line["per_type"]) == {"color", "shape", "count", "position", "exists"}
     res = json.loads((out / "results.json").read_text())
     assert res["vqa_accuracy"] == line["vqa_accuracy"] and res["n_questions"] == 300
+    # --procs 2: each stage trained under torchrun as 2 processes, the global batch of 32 split 16 + 16
+    assert res["procs"] == 2 and json.loads((out / "stage1" / "launch_config.json").read_text())["train"]["batch_size"] == 16
     for f in ("loss_stage1.png", "loss_stage2.png", "vqa_accuracy.png", "stage1/metrics.jsonl", "stage2/metrics.jsonl",
               "stage2/final/trainable.safetensors", "eval/vqa_test_none.json", "eval/vqa_test_blank.json", "world/world.json"):
         assert (out / f).exists(), f
