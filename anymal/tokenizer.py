@@ -121,7 +121,15 @@ def _llama3_text(messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
         if m["role"] == "assistant": spans.append((a, len(text)))
     return text, spans
 
-_LLAMA3 = weakref.WeakKeyDictionary()  # tokenizer -> {(template, roles, generation prompt): renders as LLaMA-3?}
+def _ids_offsets(tok, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+    "Token ids and character offsets of each text (no special tokens added): from the Rust tokenizer itself where there is one."
+    b = getattr(tok, "backend_tokenizer", None)
+    if b is not None and b.truncation is None and b.padding is None:  # ~25% faster than the Python wrapper on 100k documents
+        return [(e.ids, e.offsets) for e in b.encode_batch(texts, add_special_tokens=False)]
+    e = tok(texts, add_special_tokens=False, return_offsets_mapping=True)
+    return list(zip(e["input_ids"], e["offset_mapping"]))
+
+_LLAMA3 = weakref.WeakKeyDictionary()  # tokenizer -> {(template, roles, generation prompt, untrimmed content): renders as LLaMA-3?}
 
 def _chat_text(tok, msgs: list[dict], gen: bool, name: str) -> tuple[str, list[tuple[int, int]]]:
     "`msgs` as the tokenizer's template renders them, and the assistant spans: written directly where that is checked to be LLaMA-3's format."
@@ -147,15 +155,15 @@ def encode_chat(tok, # a tokenizer with LLaMA-3's chat template
     n_markers = sum(m["content"].count(IMAGE_MARKER) for m in messages)
     msgs = [dict(m, content=m["content"].replace(IMAGE_MARKER, IMAGE_TOKEN * n_latents)) for m in messages]
     full, spans = _chat_text(tok, msgs, add_generation_prompt, name)
-    enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
-    ids = enc["input_ids"]
-    labels, ends = _span_labels(ids, enc["offset_mapping"], spans, name)
+    full_ids, offsets = _ids_offsets(tok, [full])[0]
+    ids = full_ids
+    labels, ends = _span_labels(ids, offsets, spans, name)
     if max_len is not None and len(ids) > max_len:
         fit = [e for e in ends if e <= max_len]
         if not fit: raise BadRecord(f"{name}: {len(ids)} tokens and the first answer ends at token {ends[0] if ends else len(ids)}, beyond max_len={max_len}", "too long")
         ids, labels = ids[:fit[-1]], labels[:fit[-1]]
     n_img = ids.count(tok.convert_tokens_to_ids(IMAGE_TOKEN))
-    if n_img % n_latents or (len(ids) == len(enc["input_ids"]) and n_img != n_markers * n_latents):
+    if n_img % n_latents or (len(ids) == len(full_ids) and n_img != n_markers * n_latents):
         raise BadRecord(f"{name}: {n_img} image tokens for {n_markers} <image> markers of {n_latents} tokens")
     return dict(input_ids=ids, labels=labels, n_images=n_img // n_latents, turns=sum(e <= len(ids) for e in ends))
 
@@ -171,11 +179,5 @@ def encode_chats(tok, # a tokenizer with LLaMA-3's chat template
         _check_messages(tok, chat, name, need_answer=True)
         if any(IMAGE_MARKER in m["content"] for m in chat): raise BadRecord(f"{name}: has an {IMAGE_MARKER}: use encode_chat")
         t, s = _chat_text(tok, chat, False, name); texts.append(t); spans.append(s)
-    b, out = getattr(tok, "backend_tokenizer", None), []
-    if b is not None and b.truncation is None and b.padding is None:  # the Rust tokenizer itself: ~25% faster on 100k documents
-        enc = [(e.ids, e.offsets) for e in b.encode_batch(texts, add_special_tokens=False)]
-    else:
-        e = tok(texts, add_special_tokens=False, return_offsets_mapping=True); enc = zip(e["input_ids"], e["offset_mapping"])
-    for (ids, offs), s, name in zip(enc, spans, names):
-        out.append(dict(input_ids=ids, labels=_span_labels(ids, offs, s, name)[0], n_images=0, turns=len(s)))
-    return out
+    return [dict(input_ids=ids, labels=_span_labels(ids, offs, s, name)[0], n_images=0, turns=len(s))
+            for (ids, offs), s, name in zip(_ids_offsets(tok, texts), spans, names)]
