@@ -1,9 +1,9 @@
 """The bridge ablation of lesson 7 at the demo's full budget: one `anymal demo` per variant, one JSON line each.
 
-    .venv/bin/python tools/ablation.py --out runs/ablation                    # every variant
-    .venv/bin/python tools/ablation.py --out runs/ablation --variants linear latents=64
-    .venv/bin/python tools/ablation.py --list                                  # the variants and their --set overrides
-    .venv/bin/python tools/ablation.py --set train.steps=100 ...               # extra overrides for every variant
+    .venv/bin/python experiments/ablation.py --out runs/ablation                    # every variant
+    .venv/bin/python experiments/ablation.py --out runs/ablation --variants linear latents=64
+    .venv/bin/python experiments/ablation.py --list                                  # the variants and their --set overrides
+    .venv/bin/python experiments/ablation.py --set train.steps=100 ...               # extra overrides for every variant
 
 Each variant runs the whole tiny pipeline (world, cached tiny CLIP/LLaMA, stage 1, stage 2, VQA evaluation with the
 blank-image control) with the demo's recipe and one bridge setting changed, in `<out>/<variant>/`. The world and the

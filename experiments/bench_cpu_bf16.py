@@ -1,6 +1,6 @@
 """Seconds per step of the tiny LLaMA's pretraining, fp32 against bf16 autocast (`pretrain.lm_bf16`), on this CPU.
 
-    python tools/bench_cpu_bf16.py [THREADS ...] [--set KEY=VALUE ...] [--full-head]     # default threads: 2 1
+    python experiments/bench_cpu_bf16.py [THREADS ...] [--set KEY=VALUE ...] [--full-head]     # default threads: 2 1
 
 Prints one JSON line per (threads, precision). A small world is written to a temporary folder; the rows are the
 demo's (64 documents a step, world and text-only scenes); the model is random (speed does not depend on training).

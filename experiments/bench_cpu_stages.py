@@ -1,6 +1,6 @@
 """Seconds per step of the tiny stages on this CPU: SDPA against eager attention, threads against processes.
 
-    python tools/bench_cpu_stages.py [STEPS]      # default 100 steps a run
+    python experiments/bench_cpu_stages.py [STEPS]      # default 100 steps a run
 
 Prints one JSON line per (stage, attention, threads, processes): `s_per_step` is measured from the trainer's own
 `metrics.jsonl` clock between its first and last logged steps, so start-up (imports, model, the torchrun launch,

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The GPU sweep of docs/tiny-recipe.md ("A GPU sweep"), in one command (about 8.5 minutes on one H200): eight demo
-# recipes side by side (LLaMA pretraining on the GPU through tools/gpu_sweep_run.py, stages on the GPU, evaluation on
+# recipes side by side (LLaMA pretraining on the GPU through experiments/gpu_sweep_run.py, stages on the GPU, evaluation on
 # the CPU; they share the card, so their times are not speeds) and three text-lookup probes.
 #   1. Where pip reaches PyPI, in the repo root:   bash tools/fetch_gpu_wheels.sh   (fills .whl/, git-ignored)
-#   2. On the GPU machine, in the repo root:       bash tools/gpu_sweep.sh OUT_DIR  (device tool: carry [".whl"])
+#   2. On the GPU machine, in the repo root:       bash experiments/gpu_sweep.sh OUT_DIR  (device tool: carry [".whl"])
 # Writes OUT_DIR/summary.txt (each run's result lines) and OUT_DIR/runs.tgz (logs, results, metrics); runs still going
-# at SWEEP_DEADLINE seconds (default 510) are stopped. A dry run on a CPU: SWEEP_DRY=1 SWEEP_PSTEPS=60 PYTHON=.venv/bin/python bash tools/gpu_sweep.sh /tmp/sw-out
+# at SWEEP_DEADLINE seconds (default 510) are stopped. A dry run on a CPU: SWEEP_DRY=1 SWEEP_PSTEPS=60 PYTHON=.venv/bin/python bash experiments/gpu_sweep.sh /tmp/sw-out
 set -u
 cd "$(dirname "$0")/.."
 OUTD=${1:-${OUT:-/tmp/sweep-out}}; mkdir -p "$OUTD"
@@ -43,10 +43,10 @@ RUNS[D8_s1x10k]="${X17[*]} ${LM[*]} ${S2[*]} --stage1 train.steps=10000"
 
 run_demo() {  # NAME ARGS...
   local n=$1; shift
-  "$PY" tools/gpu_sweep_run.py "$W/runs/$n" --no-heldout --eval-limit 1500 --threads 1 "${OLD[@]}" "$@" "${DRY[@]}" >"$W/logs/$n.log" 2>&1
+  "$PY" experiments/gpu_sweep_run.py "$W/runs/$n" --no-heldout --eval-limit 1500 --threads 1 "${OLD[@]}" "$@" "${DRY[@]}" >"$W/logs/$n.log" 2>&1
   local rc=$?
   echo "[sweep] $n rc=$rc at $(( $(date +%s) - START )) s" | tee -a "$W/logs/$n.log"
-  [ -f "$W/runs/$n/eval/vqa_test_none.json" ] && "$PY" tools/diagnose/vqa_by_count.py "$W/runs/$n" >>"$W/logs/$n.log" 2>&1
+  [ -f "$W/runs/$n/eval/vqa_test_none.json" ] && "$PY" experiments/diagnose/vqa_by_count.py "$W/runs/$n" >>"$W/logs/$n.log" 2>&1
 }
 
 # Smoke: the CUDA path end to end on a small world, before the sweep spends the lease.
@@ -63,7 +63,7 @@ fi
 PSTEPS=${SWEEP_PSTEPS:-3000}
 for spec in "T1_2L:" "T2_4L:llm.layers=4" "T3_w256:llm.hidden=256 llm.heads=8 llm.kv_heads=4 llm.intermediate=768"; do
   n=${spec%%:*}; o=${spec#*:}
-  ( "$PY" tools/diagnose/lm_text_lookup.py "$W/world" "$PSTEPS" 3e-3 $o >"$W/logs/$n.log" 2>&1; echo "[sweep] $n rc=$? at $(( $(date +%s) - START )) s" >>"$W/logs/$n.log" ) & pids+=($!)
+  ( "$PY" experiments/diagnose/lm_text_lookup.py "$W/world" "$PSTEPS" 3e-3 $o >"$W/logs/$n.log" 2>&1; echo "[sweep] $n rc=$? at $(( $(date +%s) - START )) s" >>"$W/logs/$n.log" ) & pids+=($!)
 done
 while [ $(( $(date +%s) - START )) -lt "$DEADLINE" ]; do
   alive=0; for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done

@@ -1,6 +1,6 @@
-"""One demo run of tools/gpu_sweep.sh: the tiny LLaMA's pretraining on the GPU (`pretrain_llm(device=...)`, patched in
+"""One demo run of experiments/gpu_sweep.sh: the tiny LLaMA's pretraining on the GPU (`pretrain_llm(device=...)`, patched in
 here; the library pretrains on the CPU), stages on the GPU (the trainer picks CUDA), evaluation on the CPU.
-Usage: python tools/gpu_sweep_run.py OUT [anymal demo args]"""
+Usage: python experiments/gpu_sweep_run.py OUT [anymal demo args]"""
 import functools, sys, time, torch
 import anymal.pretrain as P
 

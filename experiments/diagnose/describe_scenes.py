@@ -1,7 +1,7 @@
 """Ask a stage-2 checkpoint to describe test scenes of 1-4 objects; how many descriptions are exact, and how many
 objects are named with the right size, colour, shape and quadrant, by number of objects in the scene.
 
-    python tools/diagnose/describe_scenes.py CHECKPOINT WORLD_ROOT [N]   # e.g. runs/demo/stage2/final runs/demo/world
+    python experiments/diagnose/describe_scenes.py CHECKPOINT WORLD_ROOT [N]   # e.g. runs/demo/stage2/final runs/demo/world
 
 Describing reads the image tokens in order, one object after another; answering a question has to find the one
 object the question names. A model that describes well but answers badly can see and cannot look up.

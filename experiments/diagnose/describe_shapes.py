@@ -1,6 +1,6 @@
 """Ask a stage-2 checkpoint to describe the one-object test scenes; how often it names their colour and shape.
 
-    python tools/diagnose/describe_shapes.py CHECKPOINT WORLD_ROOT     # e.g. runs/demo/stage2/final runs/demo/world
+    python experiments/diagnose/describe_shapes.py CHECKPOINT WORLD_ROOT     # e.g. runs/demo/stage2/final runs/demo/world
 """
 import json, sys, collections, re
 from anymal.demo import memo_assistant

@@ -1,8 +1,8 @@
 """Pretrain the tiny LLaMA on the world's chat documents; every K steps, teacher-forced answer accuracy per type on
 test-scene text QA (description in context). 
 
-    python tools/diagnose/lm_text_lookup.py WORLD_ROOT STEPS LR [config overrides]   # e.g. runs/demo/world 300 3e-3
-    python tools/diagnose/lm_text_lookup.py WORLD_ROOT --score LLM_DIR                # a pretrained one, e.g. from the cache
+    python experiments/diagnose/lm_text_lookup.py WORLD_ROOT STEPS LR [config overrides]   # e.g. runs/demo/world 300 3e-3
+    python experiments/diagnose/lm_text_lookup.py WORLD_ROOT --score LLM_DIR                # a pretrained one, e.g. from the cache
 
 Rows as `pretrain_llm` makes them (`pretrain.lm_rows`: one document per row, or packed: add pretrain.lm_rows=packed
 pretrain.lm_batch=32 for the older setting).

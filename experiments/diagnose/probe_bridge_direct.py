@@ -1,7 +1,7 @@
 """Train the tiny preset's bridge (+ a linear head) DIRECTLY on each quadrant's shape from frozen CLIP tokens:
 how fast can the bridge learn to carry shape when nothing stands between it and the label? 900 steps of batch 32.
 
-    python tools/diagnose/probe_bridge_direct.py WORLD_ROOT [config overrides, e.g. vision.patch_size=4]
+    python experiments/diagnose/probe_bridge_direct.py WORLD_ROOT [config overrides, e.g. vision.patch_size=4]
 """
 import json, sys, time, torch, torch.nn as nn, torch.nn.functional as F, numpy as np
 from PIL import Image

@@ -1,6 +1,6 @@
 """Probe: can a small cross-attention reader recover each quadrant's shape and colour from frozen CLIP tokens?
 
-    python tools/diagnose/probe_shapes.py WORLD_ROOT [config overrides ...] [x.enc=pixels]
+    python experiments/diagnose/probe_shapes.py WORLD_ROOT [config overrides ...] [x.enc=pixels]
 
 WORLD_ROOT is a shapes world (e.g. runs/demo/world). Overrides are `--set`-style `key=value` for the tiny preset
 (e.g. vision.layers=4, vision.pretrained=PATH/clip.safetensors); `x.enc=pixels` probes raw 8x8 pixel patches

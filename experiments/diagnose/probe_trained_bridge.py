@@ -1,6 +1,6 @@
 """Linear probe for each quadrant's shape on a trained checkpoint's bridge outputs (and on its encoder's tokens).
 
-    python tools/diagnose/probe_trained_bridge.py CHECKPOINT WORLD_ROOT
+    python experiments/diagnose/probe_trained_bridge.py CHECKPOINT WORLD_ROOT
 """
 import json, sys, time
 import numpy as np, torch, torch.nn as nn, torch.nn.functional as F

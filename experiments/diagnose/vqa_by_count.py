@@ -1,7 +1,7 @@
 """Official-answer exact match of a demo's test predictions, per question type and number of objects in the scene;
 then the count questions' answer -> prediction table, counting all shapes vs counting a colour or shape.
 
-    python tools/diagnose/vqa_by_count.py RUN_DIR        # RUN_DIR: an `anymal demo --out` folder (eval/ and world/)
+    python experiments/diagnose/vqa_by_count.py RUN_DIR        # RUN_DIR: an `anymal demo --out` folder (eval/ and world/)
 
 A colour question about a one-object scene needs no lookup; if the model gets those right but not shape questions
 about one-object scenes, it cannot see shapes (docs/tiny-recipe.md).
