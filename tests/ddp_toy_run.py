@@ -1,12 +1,12 @@
-"""Train `anymal.toy.ToyVLM` with `anymal.train.fit`: `python tests/ddp_toy_run.py OUT_DIR [KEY=VALUE ...]`.
+"""Train `toy.ToyVLM (tests/toy.py)` with `anymal.trainer.fit`: `python tests/ddp_toy_run.py OUT_DIR [KEY=VALUE ...]`.
 
 tests/test_train.py starts it under `torchrun --nproc_per_node=2` (and calls `toy_cfg`/`train_toy` in-process).
 """
 import sys
 import torch
 from anymal.config import tiny, override
-from anymal.toy import ToyVLM, ToySeqs
-from anymal.train import fit
+from toy import ToyVLM, ToySeqs
+from anymal.trainer import fit
 
 
 def toy_cfg(out, *sets):

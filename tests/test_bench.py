@@ -1,4 +1,4 @@
-"""The benchmark and the training modes (anymal.bench, anymal.recipes, anymal.modes) at the tiny preset on the CPU:
+"""The benchmark and the training modes (anymal.bench, anymal.bench_rows, anymal.modes) at the tiny preset on the CPU:
 the command line and its JSON, equal losses across recipes, each mode and lever changing what it claims, through the
 real Trainer, and resuming refused across optimizer kinds."""
 import json, subprocess, sys
@@ -14,9 +14,9 @@ from anymal.checkpoint import CheckpointMismatch  # noqa: E402
 from anymal.config import ConfigError, override, tiny  # noqa: E402
 from anymal.model import AnyMAL  # noqa: E402
 from anymal.modes import checkpointed_layers, apply_mode  # noqa: E402
-from anymal.recipes import BenchData, workload  # noqa: E402
+from anymal.bench_rows import BenchData, workload  # noqa: E402
 from anymal.data import collate  # noqa: E402
-from anymal.train import Trainer, fit  # noqa: E402
+from anymal.trainer import Trainer, fit  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ROW_FIELDS = {"stage", "recipe", "batch", "status", "step_s", "step_s_all", "tokens_per_step", "tokens_per_s",

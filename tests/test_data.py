@@ -13,7 +13,8 @@ from torch.utils.data import DataLoader
 
 from anymal.config import override, tiny
 from anymal.data import (CaptionDataset, Collator, InstructDataset, PromptDataset, build_dataset, build_loader,
-                         caption_prompts, collate, default_transform, vqa_prompts)
+                         caption_prompts, collate, vqa_prompts)
+from anymal.vision import clip_preprocess
 from anymal.tokenizer import (EOT, IMAGE_MARKER, IMAGE_TOKEN, PAD_TOKEN, BadRecord, LLAMA3_CHAT_TEMPLATE, encode_chat,
                               load_tokenizer, train_tokenizer)
 from anymal.world import (COLORS, QUADRANTS, SHAPES, SIZES, generate_world, heldout_combos, iter_world_text,
@@ -303,7 +304,7 @@ def test_round_trip_stage2(root, tok, cfg):
     assert batch["input_ids"].shape[1] == batch["attention_mask"].sum(1).max() <= cfg.data.max_len  # dynamic padding
     assert batch["n_images"].tolist() == [1] * B and batch["pixels"].shape == (B, 3, 64, 64)
     assert batch["sample_ids"] == [r["id"] for r in recs[:B]] and batch["image_keys"] == [r["image"] for r in recs[:B]]
-    tf = default_transform(cfg)
+    tf = clip_preprocess(cfg.vision)
     assert torch.equal(batch["pixels"][3], tf(Image.open(root / "images" / recs[3]["image"]).convert("RGB")))
     img = tok.convert_tokens_to_ids(IMAGE_TOKEN)
     for b in range(B):
@@ -330,7 +331,7 @@ def test_round_trip_stage1(root, tok, cfg):
             prompt = tok.decode(batch["input_ids"][b][batch["attention_mask"][b] == 1])
             assert cfg.data.stage1_prompt in prompt and prompt.startswith("<|begin_of_text|><|start_header_id|>user")
             im = Image.open(io.BytesIO(tar.extractfile(f"{key}.png").read())).convert("RGB")
-            assert torch.equal(batch["pixels"][b], default_transform(cfg)(im))
+            assert torch.equal(batch["pixels"][b], clip_preprocess(cfg.vision)(im))
 
 
 def test_prompt_datasets_for_generation(root, tok, cfg):

@@ -3,8 +3,8 @@ import json, os, subprocess, sys, time
 from pathlib import Path
 
 # a small world, short pretraining and stages: minutes of the full demo become about a minute
-REDUCED = ["data.world_images=400", "data.world_val_images=60", "pretrain.clip_steps=5", "pretrain.clip_batch=64",
-           "pretrain.lm_steps=60", "pretrain.lm_batch=16", "pretrain.lm_block=160", "pretrain.lm_scenes=400", "train.batch_size=32",
+REDUCED = ["data.world_images=400", "data.world_val_images=60", "standins.clip_steps=5", "standins.clip_batch=64",
+           "standins.lm_steps=60", "standins.lm_batch=16", "standins.lm_block=160", "standins.lm_scenes=400", "train.batch_size=32",
            "train.eval_every=50", "train.eval_batches=2", "train.log_every=5", "train.save_every=40"]
 STAGES = ["--stage1", "train.steps=40", "--stage2", "train.steps=120"]
 

@@ -1,4 +1,4 @@
-"""anymal.eval: VQA accuracy against the official algorithm, the VQAv2 evaluator and its controls, caption metrics."""
+"""anymal.metrics: VQA accuracy against the official algorithm, the VQAv2 evaluator and its controls, caption metrics."""
 import importlib.util
 import json
 import random
@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-import anymal.eval as ev
-from anymal.eval import (caption_metrics, evaluate_captions, evaluate_vqa, spice_available, vqa_accuracy,
+import anymal.metrics as ev
+from anymal.metrics import (caption_metrics, evaluate_captions, evaluate_vqa, spice_available, vqa_accuracy,
                          vqa_score)
 
 FIX = Path(__file__).parent / "fixtures"

@@ -9,12 +9,12 @@ from PIL import Image
 
 from anymal.config import tiny, override
 from anymal.data import Collator, build_dataset
-from anymal.eval import vqa_prompt
+from anymal.metrics import vqa_prompt
 from anymal.infer import Assistant, Chat, chat_main, make_answer_fn
 from anymal.llm import random_llm
 from anymal.model import AnyMAL
 from anymal.tokenizer import train_tokenizer
-from anymal.train import fit
+from anymal.trainer import fit
 from anymal.vision import build_clip
 from anymal.world import generate_world, iter_world_text
 

@@ -105,10 +105,10 @@ def test_cost_estimate_and_table():
     assert f"{hours:.1f} h" in row and "not measured" in row and cloud.PRICES_DATE in t
 
 
-# ---- the train body, locally, on the tiny preset (needs anymal.train.train, the trainer's recipe) ----
+# ---- the train body, locally, on the tiny preset (needs anymal.trainer.train, the trainer's recipe) ----
 
 def small_tiny(out_dir: str):
-    return override(tiny(), ["pretrain.enabled=false", "data.world_images=64", "data.world_val_images=16", "train.steps=4", "train.save_every=2",
+    return override(tiny(), ["standins.enabled=false", "data.world_images=64", "data.world_val_images=16", "train.steps=4", "train.save_every=2",
                              "train.eval_every=2", "train.eval_batches=1", "train.batch_size=8", "train.log_every=1",
                              "train.warmup=1", f"train.out_dir={out_dir}"])
 

@@ -7,8 +7,8 @@ from anymal.world import generate_world, iter_world_text
 from anymal.tokenizer import train_tokenizer
 
 # a small world and very short pretraining: the point is the plumbing and the direction of the loss
-SMALL = ["data.world_images=240", "data.world_val_images=48", "pretrain.clip_steps=3", "pretrain.clip_batch=32",
-         "pretrain.lm_steps=80", "pretrain.lm_batch=16", "pretrain.lm_block=160", "train.batch_size=16",
+SMALL = ["data.world_images=240", "data.world_val_images=48", "standins.clip_steps=3", "standins.clip_batch=32",
+         "standins.lm_steps=80", "standins.lm_batch=16", "standins.lm_block=160", "train.batch_size=16",
          "train.eval_every=10", "train.eval_batches=2", "train.log_every=2", "train.save_every=10"]
 
 

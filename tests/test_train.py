@@ -1,4 +1,4 @@
-"""The trainer's contract (anymal.train, anymal.checkpoint, anymal.runlog), on the toy model of anymal.toy:
+"""The trainer's contract (anymal.trainer, anymal.checkpoint, anymal.runlog), on the toy model of tests/toy.py:
 exact resume, two CPU processes under torchrun, NaN stop, refusal of mismatched checkpoints, atomic saves,
 gradient accumulation, the LR schedule, metrics.jsonl and W&B."""
 import math, os, subprocess, sys, time, warnings
@@ -11,8 +11,8 @@ from ddp_toy_run import toy_cfg, train_toy  # noqa: E402
 from anymal.checkpoint import (CheckpointMismatch, latest_checkpoint, load_for_inference, load_train_state,  # noqa: E402
                                load_trainable, read_meta, trainable_state_dict)
 from anymal.config import tiny, override  # noqa: E402
-from anymal.toy import ToySeqs, ToyVLM  # noqa: E402
-from anymal.train import NonFiniteError, fit, lr_factor  # noqa: E402
+from toy import ToySeqs, ToyVLM  # noqa: E402
+from anymal.trainer import NonFiniteError, fit, lr_factor  # noqa: E402
 from anymal.runlog import read_metrics  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

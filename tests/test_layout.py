@@ -1,0 +1,58 @@
+"""The house rules that a notebook cannot check about itself: reading order and one module per notebook."""
+import json, re
+from pathlib import Path
+
+NBS = Path(__file__).resolve().parent.parent / "nbs"
+IMPORT = re.compile(r"^\s*(?:from\s+anymal\.(\w+)|import\s+anymal\.(\w+))", re.M)
+
+
+def _notebooks() -> list[tuple[str, str, str]]:
+    "(notebook name, module it exports, its code) for every numbered notebook, in file order."
+    out = []
+    for p in sorted(NBS.glob("[0-9]*.ipynb")):
+        cells = json.loads(p.read_text())["cells"]
+        code = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+        m = re.search(r"^#\|\s*default_exp\s+(\S+)", code, re.M)
+        out.append((p.name, m.group(1) if m else "", code))
+    return out
+
+
+def test_each_notebook_exports_one_module_of_its_own():
+    nbs = _notebooks()
+    assert nbs and all(mod for _, mod, _ in nbs), [n for n, mod, _ in nbs if not mod]
+    mods = [mod for _, mod, _ in nbs]
+    assert len(mods) == len(set(mods)), mods
+    assert all(re.match(r"\d\d_", n) for n, _, _ in nbs), "notebooks are numbered NN_name.ipynb"
+    assert [n[:2] for n, _, _ in nbs] == [f"{i:02d}" for i in range(len(nbs))], "numbers run 00, 01, ... without gaps"
+
+
+def test_notebooks_import_only_what_earlier_notebooks_export():
+    nbs = _notebooks()
+    where = {mod: i for i, (_, mod, _) in enumerate(nbs)}
+    late = []
+    for i, (name, mod, code) in enumerate(nbs):
+        for a, b in IMPORT.findall(code):
+            used = a or b
+            assert used in where, f"{name} imports anymal.{used}, which no notebook exports"
+            if used != mod and where[used] > i: late.append(f"{name} imports anymal.{used} ({nbs[where[used]][0]})")
+    assert not late, "a notebook imports a module exported by a later notebook:\n" + "\n".join(late)
+
+
+def test_the_order_check_catches_a_late_import(tmp_path, monkeypatch):
+    "The check above fails when a notebook imports from a later one (here: config importing the trainer)."
+    for name, body in [("00_a.ipynb", "#| default_exp a\nfrom anymal.b import x"), ("01_b.ipynb", "#| default_exp b")]:
+        nb = {"cells": [{"cell_type": "code", "source": [body], "metadata": {}, "outputs": []}]}
+        (tmp_path / name).write_text(json.dumps(nb))
+    monkeypatch.setattr(__import__(__name__), "NBS", tmp_path)
+    try: test_notebooks_import_only_what_earlier_notebooks_export()
+    except AssertionError as e: assert "00_a.ipynb imports anymal.b" in str(e)
+    else: raise AssertionError("a late import was not caught")
+
+
+def test_readme_layout_lists_the_modules_in_reading_order():
+    readme = (NBS.parent / "README.md").read_text()
+    section = readme.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    listed = re.findall(r"^\s*\d+\.\s+`(\w+)`", section, re.M)
+    assert listed == [mod for _, mod, _ in _notebooks()], listed
+    exported = sorted(p.stem for p in (NBS.parent / "anymal").glob("*.py") if not p.stem.startswith("_"))
+    assert sorted(listed) == exported
