@@ -71,7 +71,7 @@ def gpu_spec(gpu: str = DEFAULT_GPU, n_gpus: int = 1) -> str:
     if not 1 <= n_gpus <= 8: raise ValueError(f"n_gpus must be 1..8 (one machine), got {n_gpus}")
     return match if n_gpus == 1 else f"{match}:{n_gpus}"
 
-# %% ../nbs/24_cloud.ipynb #ccaa548d
+# %% ../nbs/24_cloud.ipynb #7ddd074e
 def _latest_marker(out_dir) -> str | None:
     p = Path(out_dir) / "checkpoints" / "latest"
     return p.read_text().strip() if p.exists() else None
@@ -98,8 +98,9 @@ def train_job(config: str | Config, run_name: str = "", n_gpus: int = 1, sets: s
     finish = watch_checkpoints(cfg.train.out_dir, on_checkpoint, every) if on_checkpoint else (lambda: None)
     try:
         from anymal.stages import run_stage, torchrun_stage
-        if n_gpus > 1: return str(torchrun_stage(cfg, n_gpus, resume=True, progress=False))
-        return str(run_stage(cfg, resume=True))
+        from anymal.standins import with_standins
+        if n_gpus > 1: return str(torchrun_stage(cfg, n_gpus, resume=True, progress=False))  # `anymal train` builds them
+        return str(run_stage(with_standins(cfg), resume=True))  # the tiny preset's stand-ins first (full scale: none)
     finally: finish()
 
 # %% ../nbs/24_cloud.ipynb #6d8d7c23

@@ -19,8 +19,8 @@ from .vision import clip_preprocess
 
 # %% auto #0
 __all__ = ['ROLES', 'IMAGE_EXTS', 'load_image', 'SampleDataset', 'llava_messages', 'InstructDataset', 'CaptionDataset',
-           'vqa_prompts', 'caption_prompts', 'PromptDataset', 'length_batches', 'collate', 'Collator', 'build_dataset',
-           'build_loader']
+           'vqa_prompts', 'caption_prompts', 'PromptDataset', 'length_batches', 'first_fit', 'collate', 'Collator',
+           'build_dataset', 'build_loader']
 
 # %% ../nbs/08_data.ipynb #db448a54
 def load_image(src, name: str) -> Image.Image:
@@ -223,7 +223,23 @@ def length_batches(idx: list[int], # the items to batch (e.g. one shuffled epoch
         full += [part[j:j + batch] for j in range(0, n, batch)]; rest += part[n:]
     return [full[k] for k in torch.randperm(len(full), generator=g).tolist()], rest
 
-# %% ../nbs/08_data.ipynb #6c37f534
+# %% ../nbs/08_data.ipynb #dc3199f2
+def first_fit(lengths: list[int], # the size of each item
+              capacity: int) -> list[list[int]]: # the room in one row
+    "Indices of `lengths` packed into rows of at most `capacity`: first fit, longest first."
+    rows, room = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if lengths[i] > capacity: raise ValueError(f"item {i} has size {lengths[i]}, more than a row's {capacity}")
+        r = next((r for r, left in enumerate(room) if left >= lengths[i]), None)
+        if r is None:
+            rows.append([])
+            room.append(capacity)
+            r = len(rows) - 1
+        rows[r].append(i)
+        room[r] -= lengths[i]
+    return rows
+
+# %% ../nbs/08_data.ipynb #0b53f846
 def collate(samples: list[dict], pad_id: int, padding_side: str = "right") -> dict:
     "Pad samples to the batch's longest; `right` for training, `left` for generation."
     if padding_side not in ("left", "right"): raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
@@ -246,7 +262,7 @@ class Collator:
     padding_side: str = "right"
     def __call__(self, samples: list[dict]) -> dict: return collate(samples, self.pad_id, self.padding_side)
 
-# %% ../nbs/08_data.ipynb #bf231209
+# %% ../nbs/08_data.ipynb #c208cd94
 def build_dataset(cfg: Config, tokenizer, stage: int, split: str = "train", transform=None, pixels: bool = True,
                   skip_bad: bool | None = None) -> SampleDataset:
     "The dataset of `stage` (1: caption shards, 2: LLaVA JSON) and `split`, from the paths in `cfg.data`."

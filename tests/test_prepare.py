@@ -213,9 +213,12 @@ def tiny_llama_folder(d: Path) -> Path:
                       num_key_value_heads=2, max_position_embeddings=128, rope_theta=500000.0, tie_word_embeddings=False,
                       bos_token_id=256, eos_token_id=257)
     LlamaForCausalLM(cfg).save_pretrained(d, max_shard_size="60KB")  # several shards, as the real 4 x 5 GB
-    vocab = {chr(i + 33): i for i in range(94)} | {"<|begin_of_text|>": 256, "<|eot_id|>": 257, "<unk>": 258}
+    from anymal.tokenizer import LLAMA3_CHAT_TEMPLATE, SPECIAL_TOKENS
+    specials = ["<|begin_of_text|>", "<|eot_id|>", "<unk>"] + [t for t in SPECIAL_TOKENS if t not in ("<|begin_of_text|>", "<|eot_id|>")]
+    vocab = {chr(i + 33): i for i in range(94)} | {t: 256 + i for i, t in enumerate(specials)}  # LLaMA-3's special tokens
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>")); tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>").save_pretrained(d)
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                            chat_template=LLAMA3_CHAT_TEMPLATE).save_pretrained(d)
     return d
 
 
@@ -250,7 +253,8 @@ def fake_hub(tmp_path):
 
 def test_full_preset_loads_prepared_weights_through_the_real_code(tmp_path, fake_hub, monkeypatch):
     from anymal.config import full
-    from anymal.llm import build_llm, load_tokenizer
+    from anymal.llm import build_llm
+    from anymal.tokenizer import load_tokenizer
     snapshot, clip_download, calls = fake_hub
     cache = tmp_path / "hf-cache"
     monkeypatch.setenv("HF_TOKEN", "hf_test")

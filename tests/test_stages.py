@@ -30,20 +30,36 @@ def _sets(world, out, *extra):
     return [*SMALL, f"data.root={world}", f"train.out_dir={out}", *extra]
 
 
+def train(cfg, **kw):
+    "One stage as `anymal train` runs it: the stand-ins first (one visible step), then the stage."
+    from anymal.stages import run_stage
+    from anymal.standins import with_standins
+    return run_stage(with_standins(cfg, progress=False), **kw)
+
+
 def _train_losses(run) -> list[float]:
     rows = [json.loads(l) for l in (Path(run) / "metrics.jsonl").read_text().splitlines() if l.strip()]
     return [r["loss"] for r in rows if r["split"] == "train"]
 
 
 def test_stage2_refuses_random_resampler(world, tmp_path):
-    from anymal.stages import StageError, stage_config, train
+    from anymal.stages import StageError, run_stage, stage_config
     cfg = stage_config(tiny(), 2, _sets(world, tmp_path / "s2", "train.init_from="))
-    with pytest.raises(StageError, match="random resampler"): train(cfg, progress=False)
+    with pytest.raises(StageError, match="random resampler"): run_stage(cfg, progress=False)
     assert not (tmp_path / "s2").exists()  # refused before writing anything
 
 
+def test_a_stage_never_trains_the_standins(world, tmp_path):
+    "The stage builder only finds the stand-ins; missing ones are an error naming the command that builds them."
+    from anymal.stages import run_stage, stage_config
+    from anymal.standins import StandinsMissing
+    cfg = stage_config(tiny(), 1, _sets(world, tmp_path / "s1", "standins.lm_steps=7"))  # a key nobody has built
+    with pytest.raises(StandinsMissing, match="run `anymal standins`"): run_stage(cfg, progress=False)
+    assert not (tmp_path / "s1").exists()
+
+
 def test_stage1_then_stage2_learns(world, tmp_path):
-    from anymal.stages import stage_config, train
+    from anymal.stages import stage_config
     from anymal.checkpoint import read_meta
     s1 = train(stage_config(tiny(), 1, _sets(world, tmp_path / "s1", "train.steps=30", "train.lr=3e-3")), progress=False)
     l1 = _train_losses(tmp_path / "s1")
@@ -66,7 +82,7 @@ def test_stage2_starts_from_stage1(world, tmp_path):
     "Stage 2 at LR 0 for one step ends with exactly the resampler stage 1 wrote, whatever LoRA rank stage 2 chooses."
     import torch
     from safetensors.torch import load_file
-    from anymal.stages import stage_config, train
+    from anymal.stages import stage_config
     s1 = train(stage_config(tiny(), 1, _sets(world, tmp_path / "s1", "train.steps=3")), progress=False)
     s2 = train(stage_config(tiny(), 2, _sets(world, tmp_path / "s2", "train.steps=1", "train.lr=0", "train.lora_lr=0",
                                              "train.warmup=0", "lora.r=4", f"train.init_from={tmp_path / 's1'}")), progress=False)
