@@ -15,10 +15,11 @@ from .config import Config, LLMConfig, TrainConfig, ConfigError
 from .model import is_lora
 
 # %% auto #0
-__all__ = ['MODES', 'OPTIMIZERS', 'ModeSettings', 'mode_settings', 'spread', 'set_checkpointing', 'checkpointed_layers',
-           'act_bytes', 'auto_fraction', 'set_lora_dropout', 'OffloadedEmbedding', 'offload_embeddings', 'fuse_lora',
-           'unfuse_lora', 'dequantize_frozen', 'liger_missing', 'liger_ce', 'liger_patch', 'liger_unpatch',
-           'compile_blocks', 'apply_mode', 'pack_samples']
+__all__ = ['MODES', 'OPTIMIZERS', 'PATCHED_AGAINST', 'LORA_LAYER_ATTRS', 'ModeSettings', 'mode_settings', 'spread',
+           'set_checkpointing', 'checkpointed_layers', 'act_bytes', 'auto_fraction', 'set_lora_dropout',
+           'OffloadedEmbedding', 'offload_embeddings', 'fuse_lora', 'unfuse_lora', 'dequantize_frozen',
+           'check_patched_libraries', 'liger_missing', 'liger_ce', 'liger_patch', 'compile_blocks', 'apply_mode',
+           'pack_samples']
 
 # %% ../nbs/12_modes.ipynb #748404dc
 @dataclass(frozen=True)
@@ -124,7 +125,7 @@ def offload_embeddings(llm: nn.Module) -> OffloadedEmbedding:
     off = OffloadedEmbedding(emb); base.set_input_embeddings(off)
     return off
 
-# %% ../nbs/12_modes.ipynb #b23ec930
+# %% ../nbs/12_modes.ipynb #6fe000ea
 def _fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     "`base(x) + scaling * B(A(dropout(x)))`, the addition done by the second product (`addmm`)."
     if (self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None or getattr(self, "lora_variant", None)
@@ -139,12 +140,21 @@ def _fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = torch.addmm(out if amp else out.to(a.dtype), a, B.weight.t(), alpha=self.scaling[name])
     return out.view(result.shape).to(result.dtype)
 
+PATCHED_AGAINST = {"peft": "0.21.2", "bitsandbytes": "0.50.2"}  # the versions `fuse_lora` and `dequantize_frozen` were checked against
+LORA_LAYER_ATTRS = ("base_layer", "lora_A", "lora_B", "scaling", "lora_dropout", "active_adapters", "merged",
+                    "disable_adapters", "lora_variant")  # what `_fused_lora_forward` reads on a peft LoRA layer
+
 def _lora_layers(llm: nn.Module) -> list:
     return [m for m in llm.modules() if isinstance(getattr(m, "lora_A", None), nn.ModuleDict) and hasattr(m, "base_layer")
             and all(isinstance(a, nn.Linear) for a in m.lora_A.values())]
 
 def fuse_lora(llm: nn.Module) -> int:
-    "Give every LoRA linear layer of `llm` the fused forward; returns how many."
+    """Give every LoRA linear layer of `llm` the fused forward; returns how many.
+
+    Patches peft (checked against `PATCHED_AGAINST["peft"]`): on each instance of `peft.tuners.lora.layer.Linear` (and
+    `peft.tuners.lora.bnb.Linear4bit`), sets the instance attribute `forward` to `_fused_lora_forward` (`types.MethodType`),
+    which reads the layer's `LORA_LAYER_ATTRS` and falls back to the class's `forward(x, *args, **kwargs)`.
+    `unfuse_lora` deletes the instance attribute. `check_patched_libraries` fails when peft changes what this relies on."""
     layers = _lora_layers(llm)
     for m in layers: m.forward = types.MethodType(_fused_lora_forward, m)
     return len(layers)
@@ -156,7 +166,13 @@ def unfuse_lora(llm: nn.Module) -> int:
     return len(layers)
 
 def dequantize_frozen(llm: nn.Module) -> int:
-    "Replace every bitsandbytes 4-bit linear layer by a frozen `nn.Linear` holding its dequantized weights."
+    """Replace every bitsandbytes 4-bit linear layer by a frozen `nn.Linear` holding its dequantized weights.
+
+    Relies on bitsandbytes (checked against `PATCHED_AGAINST["bitsandbytes"]`): `bitsandbytes.nn.Linear4bit`'s
+    `weight.quant_state`, `compute_dtype`, `in_features`, `out_features`, `bias`; `bitsandbytes.functional.dequantize_4bit`;
+    and, for weights repacked for its CPU kernel (`quant_state.packing_format_for_cpu`), its private
+    `bitsandbytes.functional._convert_weight_packed_for_cpu_inverse`. The layers are replaced (`setattr` on the parent
+    module), not patched. `check_patched_libraries` fails when bitsandbytes changes what this relies on."""
     import bitsandbytes as bnb
     from bitsandbytes.functional import dequantize_4bit
     n = 0
@@ -175,7 +191,31 @@ def dequantize_frozen(llm: nn.Module) -> int:
             setattr(parent, name, lin.requires_grad_(False)); n += 1
     return n
 
-# %% ../nbs/12_modes.ipynb #1d402a3e
+# %% ../nbs/12_modes.ipynb #f26d08f7
+def check_patched_libraries(llm: nn.Module | None = None) -> None:
+    "Fail if peft or bitsandbytes is not what `fuse_lora` and `dequantize_frozen` were written against (`llm`: a LoRA LLM to inspect)."
+    import inspect, peft, bitsandbytes as bnb, bitsandbytes.functional as bnbf
+    from peft.tuners.lora.layer import Linear as LoraLinear
+    from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+    for lib, v in (("peft", peft.__version__), ("bitsandbytes", bnb.__version__)):
+        assert v == PATCHED_AGAINST[lib], (f"{lib} {v} is installed; `fuse_lora`/`dequantize_frozen` were written against "
+            f"{lib} {PATCHED_AGAINST[lib]}: re-check the patch (anymal.modes), then update PATCHED_AGAINST")
+    for cls in (LoraLinear, LoraLinear4bit):
+        ps = [(p.name, p.kind) for p in inspect.signature(cls.forward).parameters.values()]
+        assert ps == [("self", inspect.Parameter.POSITIONAL_OR_KEYWORD), ("x", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+                      ("args", inspect.Parameter.VAR_POSITIONAL), ("kwargs", inspect.Parameter.VAR_KEYWORD)], \
+            f"peft's {cls.__qualname__}.forward is now {ps}: re-check `_fused_lora_forward` (anymal.modes)"
+    for m in (_lora_layers(llm) if llm is not None else [])[:1]:
+        missing = [a for a in LORA_LAYER_ATTRS if not hasattr(m, a)]
+        assert not missing, f"peft's {type(m).__qualname__} has no {missing}: re-check `_fused_lora_forward` (anymal.modes)"
+    q = bnb.nn.Linear4bit(8, 8, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")  # not quantized: a shape only
+    missing = [a for a in ("compute_dtype", "in_features", "out_features", "bias") if not hasattr(q, a)]
+    missing += [f"weight.{a}" for a in ("quant_state",) if not hasattr(q.weight, a)]
+    assert not missing, f"bitsandbytes' Linear4bit has no {missing}: re-check `dequantize_frozen` (anymal.modes)"
+    for f in ("dequantize_4bit", "_convert_weight_packed_for_cpu_inverse"):
+        assert hasattr(bnbf, f), f"bitsandbytes.functional has no {f}: re-check `dequantize_frozen` (anymal.modes)"
+
+# %% ../nbs/12_modes.ipynb #82b29cb8
 def _free_budget(model: nn.Module, device: torch.device) -> float:
     "GPU bytes left for activations: free memory less gradients + AdamW state of the trainable weights and a reserve."
     free, total = torch.cuda.mem_get_info(device)
@@ -192,37 +232,21 @@ def liger_missing(device) -> str | None:
 
 def liger_ce(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, chunk: int = 0) -> tuple:
     "What `anymal.model.chunked_ce` computes (mean next-token CE over supervised positions, their count), fused: no logits."
-    from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
     keep = labels[:, 1:] != -100  # (B, T-1)
     h, y = hidden[:, :-1][keep], labels[:, 1:][keep]  # (S, D), (S,)
     if y.numel() == 0: return hidden.sum() * 0.0, 0
     return LigerFusedLinearCrossEntropyLoss()(head.weight, h, y).float(), y.numel()
 
-def liger_patch(llm: nn.Module, eps: float) -> int:
-    "Liger's RMSNorm and SwiGLU on `llm`'s modules, its RoPE in transformers' LLaMA (process-wide); how many modules."
-    from liger_kernel.transformers.monkey_patch import _patch_rms_norm_module, _patch_swiglu_module
-    from liger_kernel.transformers.swiglu import LigerSwiGLUMLP
-    from liger_kernel.transformers.rope import liger_rotary_pos_emb
-    from transformers.models.llama import modeling_llama
-    if getattr(llm, "_liger_undo", None): return 0  # already patched
-    dec = _base(llm).model
-    norms = [dec.norm] + [n for l in dec.layers for n in (l.input_layernorm, l.post_attention_layernorm)]
-    mlps = [l.mlp for l in dec.layers]
-    for n in norms: _patch_rms_norm_module(n, eps=eps)
-    for m in mlps: _patch_swiglu_module(m, LigerSwiGLUMLP)
-    rope, modeling_llama.apply_rotary_pos_emb = modeling_llama.apply_rotary_pos_emb, liger_rotary_pos_emb
-    def undo():
-        modeling_llama.apply_rotary_pos_emb = rope
-        for m in norms + mlps:
-            for k in ("forward", "_get_name"): m.__dict__.pop(k, None)
-    llm._liger_undo = undo
-    return len(norms) + len(mlps)
-
-def liger_unpatch(llm: nn.Module) -> bool:
-    "Undo `liger_patch` on `llm` (and the process-wide RoPE); whether there was anything to undo."
-    undo = llm.__dict__.pop("_liger_undo", None)
-    if undo: undo()
-    return undo is not None
+def liger_patch(llm: nn.Module) -> int:
+    """Liger-Kernel's RoPE, RMSNorm and SwiGLU for `llm`, through its public `apply_liger_kernel_to_llama(model=...)`;
+    how many of `llm`'s modules now run Liger's kernels. It cannot be undone: see the prose above."""
+    from liger_kernel.transformers import apply_liger_kernel_to_llama
+    base = _base(llm)  # the LlamaForCausalLM (Liger finds its LlamaModel through `base_model_prefix`; peft's wrapper hides it)
+    apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                fused_linear_cross_entropy=False, model=base)  # the loss is AnyMAL's: `liger_ce`
+    dec = base.model
+    return 1 + 3 * len(dec.layers)  # the final norm; two norms and the MLP of every layer
 
 def compile_blocks(llm: nn.Module) -> int:
     "`torch.compile` every decoder layer in place; returns how many."
@@ -230,9 +254,12 @@ def compile_blocks(llm: nn.Module) -> int:
     for layer in layers: layer.compile()
     return len(layers)
 
-def apply_mode(model: nn.Module, cfg: Config, device=None) -> dict:
-    "Apply `cfg.train.mode` (and `train.compile`) to `model`, in place; returns what was applied."
-    s, dev = mode_settings(cfg.train), torch.device(device or next(model.parameters()).device)
+def apply_mode(model: nn.Module, cfg: Config, device=None,
+               settings: ModeSettings | None = None, # what to apply instead of the settings `cfg.train.mode` names
+              ) -> dict:
+    "Apply `cfg.train.mode` (or `settings`) and `train.compile` to `model`, in place; returns what was applied."
+    s = settings if settings is not None else mode_settings(cfg.train)
+    dev = torch.device(device or next(model.parameters()).device)
     done, llm, cuda = {"mode": cfg.train.mode, "optim": s.optim}, getattr(model, "llm", None), dev.type == "cuda"
     if llm is not None and s.dequant_once: done["dequantized"] = dequantize_frozen(llm)
     if llm is not None and s.lora_fused: done["lora_fused"] = fuse_lora(llm)
@@ -249,14 +276,14 @@ def apply_mode(model: nn.Module, cfg: Config, device=None) -> dict:
     if s.kernels == "liger" and llm is not None:
         why = liger_missing(dev)
         if why is None:
-            liger_patch(llm, cfg.llm.rms_eps); model.ce_fn = liger_ce; done["kernels"] = "liger"
+            liger_patch(llm); model.ce_fn = liger_ce; done["kernels"] = "liger"
         else:
             done["kernels"] = f"none ({why})"
             if cuda: warnings.warn(f"train.mode={cfg.train.mode!r} runs without its fused kernels: {why}")
     if cfg.train.compile and llm is not None: done["compiled_layers"] = compile_blocks(llm)
     return done
 
-# %% ../nbs/12_modes.ipynb #6ff64859
+# %% ../nbs/12_modes.ipynb #839da00c
 def pack_samples(samples: list[dict], # data samples: `input_ids`, `labels`, `n_images`, optional `pixels`
                  max_len: int, pad_id: int) -> dict:
     "Samples laid end to end in rows of `max_len` (first fit, longest first), with per-sample `position_ids`."

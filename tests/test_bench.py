@@ -13,7 +13,8 @@ from anymal.bench import bench, bench_config, goals  # noqa: E402
 from anymal.checkpoint import CheckpointMismatch  # noqa: E402
 from anymal.config import ConfigError, override, tiny  # noqa: E402
 from anymal.model import AnyMAL  # noqa: E402
-from anymal.modes import checkpointed_layers, apply_mode  # noqa: E402
+from anymal.modes import checkpointed_layers, apply_mode, check_patched_libraries, MODES  # noqa: E402
+from anymal.llm import build_llm  # noqa: E402
 from anymal.bench_rows import BenchData, workload  # noqa: E402
 from anymal.data import collate  # noqa: E402
 from anymal.trainer import Trainer, fit  # noqa: E402
@@ -95,6 +96,16 @@ def test_levers_change_what_they_claim(lever_rows):
         else: assert r["status"] == "ok", (name, r["status"])
         if r["status"] == "ok" and r["form"] != "bf16" and r["recipe"] not in ("standard", "standard, varied lengths, padded"):
             assert r["loss_match"] is True, (name, r.get("dloss0"))
+
+
+def test_lever_rows_leave_modes_alone(lever_rows):
+    "A lever row trains with its own settings (apply_mode(settings=...)); nothing is registered in MODES."
+    assert set(MODES) == {"standard", "small", "fast"} and any(r["lever"] for r in lever_rows)
+
+
+def test_patched_libraries():
+    "fuse_lora and dequantize_frozen rely on peft's and bitsandbytes' internals: this fails, naming the patch to re-check, when they change."
+    check_patched_libraries(build_llm(override(tiny(), ["lora.dropout=0.0"]), stage=2))
 
 
 def test_goals_from_rows():
