@@ -215,7 +215,9 @@ def test_tokenizer_is_llama3_shaped(root, tok, tmp_path):
 
 
 def test_load_tokenizer_refuses_incomplete(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"): load_tokenizer(tmp_path / "nothing")
+    with pytest.raises(FileNotFoundError, match="tokenizer '.*nothing' not found"): load_tokenizer(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="has no tokenizer_config.json"): load_tokenizer(tmp_path / "empty")
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     t = Tokenizer(models.WordLevel({"a": 0, "<unk>": 1}, unk_token="<unk>")); t.pre_tokenizer = pre_tokenizers.Whitespace()
