@@ -19,7 +19,7 @@ __all__ = ['FORM_CKPT', 'Workload', 'BenchData', 'workload', 'Recipe', 'standard
            'build_form', 'full_logits_ce', 'Packing', 'snapshot', 'restore', 'group_key', 'linear_params',
            'flops_per_token']
 
-# %% ../nbs/25_bench_rows.ipynb #167db9a1
+# %% ../nbs/25_bench_rows.ipynb #dd67c76f
 @dataclass
 class Workload:
     "Synthetic AnyMAL samples: one image each, a prompt, a supervised answer."
@@ -49,7 +49,8 @@ class BenchData(torch.utils.data.Dataset):
         n = self.length(i)
         ids = torch.cat([torch.tensor([1]), torch.full((w.latents,), w.image_token_id),
                          torch.randint(10, w.vocab, (n - 1 - w.latents,), generator=g)])
-        labels = ids.clone(); labels[:1 + w.latents + w.prompt] = -100
+        labels = ids.clone()
+        labels[:1 + w.latents + w.prompt] = -100
         return dict(input_ids=ids, labels=labels, n_images=1, image_keys=[f"bench-{i}"], sample_id=i,
                     pixels=torch.randn(1, 3, w.image_size, w.image_size, generator=g))
 
@@ -57,7 +58,7 @@ def workload(cfg: Config, varlen: bool = False) -> Workload:
     "The workload for `cfg`'s shapes, samples `data.max_len` tokens long."
     return Workload(cfg.data.max_len, cfg.llm.vocab_size, cfg.resampler.latents, cfg.vision.image_size, varlen)
 
-# %% ../nbs/25_bench_rows.ipynb #d4383f45
+# %% ../nbs/25_bench_rows.ipynb #adbaf2eb
 @dataclass
 class Recipe:
     "One benchmark row: form, loss, train.mode, batch, and the one lever it changes against `base`."
@@ -84,7 +85,8 @@ def goal_rows(stages, modes, batches, profile: bool = False) -> list[Recipe]:
     for s in stages:
         rows += [standard(s, b, profile=profile and b == batches[0]) for b in batches]
         if "small" in modes: rows.append(Recipe("small", s, mode="small", batch=batches[0], profile=profile))
-        if "fast" in modes: rows += [Recipe("fast", s, mode="fast", batch=b, profile=profile and b == batches[0]) for b in batches]
+        if "fast" in modes:
+            rows += [Recipe("fast", s, mode="fast", batch=b, profile=profile and b == batches[0]) for b in batches]
     return rows
 
 def lever_rows(stages, b: int = 4) -> list[Recipe]:
@@ -109,21 +111,32 @@ def lever_rows(stages, b: int = 4) -> list[Recipe]:
                      base="standard, varied lengths, padded"),
             Recipe("fast without Liger kernels", s, mode="fast", lever=dict(kernels=None), batch=b, base="fast"),
             Recipe("fast + torch.compile", s, mode="fast", compile=True, batch=b, base="fast")]
-        rows += [Recipe("anymal as built (train.mode=standard)", s, batch=b),
-                 Recipe("small + ckpt offload", s, mode="small", lever=dict(ckpt=1.0, offload=True), batch=b, base="small"),
-                 Recipe("fast, NF4 dequantized at every product", s, mode="fast", lever=dict(dequant_once=False), batch=b,
-                        base="fast")]
+        rows += [
+            Recipe("anymal as built (train.mode=standard)", s, batch=b),
+            Recipe("small + ckpt offload", s, mode="small", lever=dict(ckpt=1.0, offload=True), batch=b, base="small"),
+            Recipe(
+                "fast, NF4 dequantized at every product",
+                s,
+                mode="fast",
+                lever=dict(dequant_once=False),
+                batch=b,
+                base="fast",
+            ),
+        ]
     return rows
 
 def row_settings(r: Recipe) -> ModeSettings:
     "The settings row `r` trains with: its mode's, with its lever's fields changed."
     unknown = set(r.lever) - set(asdict(ModeSettings()))
-    if unknown: raise ValueError(f"unknown lever(s) {sorted(unknown)} in row {r.name!r}; choose from {sorted(asdict(ModeSettings()))}")
+    if unknown:
+        raise ValueError(
+            f"unknown lever(s) {sorted(unknown)} in row {r.name!r}; choose from {sorted(asdict(ModeSettings()))}"
+        )
     return replace(MODES[r.mode], **r.lever)
 
 
 
-# %% ../nbs/25_bench_rows.ipynb #54d9dd60
+# %% ../nbs/25_bench_rows.ipynb #cf2e0f96
 FORM_CKPT = {"hf": {}, "plain": {"use_reentrant": False}}  # what each form's checkpointing passes torch's `checkpoint`
 
 def build_form(cfg: Config, form: str, stage: int, device="cpu") -> nn.Module:
@@ -142,6 +155,7 @@ def full_logits_ce(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, 
 
 class Packing:
     "Packed batches through `AnyMAL.forward`: their `position_ids` reach the decoder, with no 2-D mask. `remove()` ends it."
+
     def __init__(self, model: AnyMAL):
         from anymal.trainer import forward_keys
         self.keys, self.pos = forward_keys(model), None
@@ -157,9 +171,12 @@ class Packing:
         return args, kwargs
     def remove(self): self.hook.remove()
 
-# %% ../nbs/25_bench_rows.ipynb #893ac931
+# %% ../nbs/25_bench_rows.ipynb #9309a261
 def _dropouts(llm: nn.Module) -> dict:
-    return {m: dict(m.lora_dropout) for m in llm.modules() if isinstance(getattr(m, "lora_dropout", None), nn.ModuleDict)}
+    return {
+        m: dict(m.lora_dropout) for m in llm.modules() if isinstance(getattr(m, "lora_dropout", None), nn.ModuleDict)
+    }
+
 
 def snapshot(model: AnyMAL, form: str) -> dict:
     "What modes and levers change in `model`, as built as `form`."
@@ -179,7 +196,8 @@ def restore(model: AnyMAL, snap: dict, device) -> None:
         base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         for i, layer in enumerate(_layers(model.llm)): layer.gradient_checkpointing = i in layers
     for layer in _layers(model.llm): layer._compiled_call_impl = None
-    unfuse_lora(model.llm); model.ce_fn = None
+    unfuse_lora(model.llm)
+    model.ce_fn = None
     params = dict(model.named_parameters())
     with torch.no_grad():
         for n, t in snap["trained"].items(): params[n].copy_(t)
@@ -190,11 +208,15 @@ def group_key(r: Recipe) -> tuple:
     s = row_settings(r)
     return r.stage, r.form, s.dequant_once, s.kernels
 
-# %% ../nbs/25_bench_rows.ipynb #3e1877dc
+# %% ../nbs/25_bench_rows.ipynb #063b1d91
 def linear_params(m: nn.Module) -> int:
     "Weights of the linear maps in `m` (4-bit ones by their shape), LoRA's left out."
-    return sum(mod.in_features * mod.out_features for n, mod in m.named_modules()
-               if hasattr(mod, "in_features") and hasattr(mod, "out_features") and not is_lora(n) and not list(mod.children()))
+    return sum(
+        mod.in_features * mod.out_features
+        for n, mod in m.named_modules()
+        if hasattr(mod, "in_features") and hasattr(mod, "out_features") and not is_lora(n) and not list(mod.children())
+    )
+
 
 def flops_per_token(model: AnyMAL, cfg: Config, lengths: list, stage: int) -> float:
     "Model FLOPs per real token of a step whose samples have `lengths` (one image each)."

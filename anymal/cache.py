@@ -15,7 +15,7 @@ from .checkpoint import atomic_dir
 # %% auto #0
 __all__ = ['DONE', 'cache_root', 'file_lock', 'cached']
 
-# %% ../nbs/14_cache.ipynb #8cc9ae87
+# %% ../nbs/14_cache.ipynb #a80aa499
 DONE = "DONE"
 
 def cache_root() -> Path:
@@ -25,7 +25,8 @@ def cache_root() -> Path:
 @contextmanager
 def file_lock(path):
     "Hold an exclusive `fcntl` lock on `path` (created if missing) for the duration of the block."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try: yield
@@ -35,7 +36,8 @@ def cached(name: str, # the entry's folder name, e.g. "llm-1a2b3c4d5e6f7a8b"
            build: Callable, # build(tmp_dir) writes the entry's files into tmp_dir
            root=None) -> Path: # default `cache_root()`
     "The cache entry `name`, built once by `build` even when several processes ask at the same time."
-    root = Path(root or cache_root()); dst = root / name
+    root = Path(root or cache_root())
+    dst = root / name
     if (dst / DONE).exists(): return dst
     with file_lock(root / f"{name}.lock"):
         if (dst / DONE).exists(): return dst  # built by another process while we waited

@@ -43,7 +43,7 @@ def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().to("cpu", copy=True).contiguous()
             for n, p in unwrap(model).named_parameters() if p.requires_grad}
 
-# %% ../nbs/09_checkpoint.ipynb #db914617
+# %% ../nbs/09_checkpoint.ipynb #eb45d598
 def architecture(cfg: Config, tensors: dict) -> dict:
     "The architecture-defining config sections and the name -> shape of every trained tensor."
     d = json.loads(json.dumps(to_dict(cfg)))
@@ -58,7 +58,10 @@ def config_differences(saved: dict, cfg: Config) -> tuple[list[str], list[str]]:
         a, b = saved.get(sec, {}), cur[sec]
         for k in sorted(set(a) | set(b)):
             va, vb = a.get(k, "<absent>"), b.get(k, "<absent>")
-            if va != vb: (notes if f"{sec}.{k}" in NOT_ARCH else problems).append(f"{sec}.{k}: checkpoint {_j(va)}, model {_j(vb)}")
+            if va != vb:
+                (notes if f"{sec}.{k}" in NOT_ARCH else problems).append(
+                    f"{sec}.{k}: checkpoint {_j(va)}, model {_j(vb)}"
+                )
     return problems, notes
 
 def tensor_differences(saved: dict, model: nn.Module, missing_ok: bool = False) -> list[str]:
@@ -69,13 +72,17 @@ def tensor_differences(saved: dict, model: nn.Module, missing_ok: bool = False) 
         elif list(params[n].shape) != list(shape):
             out.append(f"{n}: shape checkpoint {tuple(shape)}, model {tuple(params[n].shape)}")
     if not missing_ok:
-        out += [f"{n}: trained in the model, not in the checkpoint" for n, p in params.items() if p.requires_grad and n not in saved]
+        out += [
+            f"{n}: trained in the model, not in the checkpoint"
+            for n, p in params.items()
+            if p.requires_grad and n not in saved
+        ]
     return out
 
 class CheckpointMismatch(ValueError):
     "A checkpoint whose architecture differs from the model it is loaded into."
 
-# %% ../nbs/09_checkpoint.ipynb #8c8a4f86
+# %% ../nbs/09_checkpoint.ipynb #f07f462a
 def _fsync(path):
     fd = os.open(path, os.O_RDONLY)
     try: os.fsync(fd)
@@ -84,12 +91,16 @@ def _fsync(path):
 
 def write_file(path, data: bytes):
     "Write `data` to `path` and flush it to disk."
-    with open(path, "wb") as f: f.write(data); f.flush(); os.fsync(f.fileno())
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 @contextmanager
 def atomic_dir(dst):
     "Yield a temporary directory that becomes `dst` (replacing it) only if the block completes."
-    dst = Path(dst); dst.parent.mkdir(parents=True, exist_ok=True)
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.parent / f".tmp-{dst.name}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
@@ -97,7 +108,9 @@ def atomic_dir(dst):
         for f in tmp.iterdir(): _fsync(f)
         if dst.exists():
             old = dst.parent / f".old-{dst.name}-{uuid.uuid4().hex[:8]}"
-            os.replace(dst, old); os.replace(tmp, dst); shutil.rmtree(old)
+            os.replace(dst, old)
+            os.replace(tmp, dst)
+            shutil.rmtree(old)
         else: os.replace(tmp, dst)
         _fsync(dst.parent)
     finally: shutil.rmtree(tmp, ignore_errors=True)
@@ -127,7 +140,7 @@ def set_rng_state(s: dict):
     torch.set_rng_state(s["torch"])
     if s["cuda"] and torch.cuda.is_available(): torch.cuda.set_rng_state_all(s["cuda"])
 
-# %% ../nbs/09_checkpoint.ipynb #49cfefcc
+# %% ../nbs/09_checkpoint.ipynb #72eb3443
 def save_checkpoint(dst, model: nn.Module, cfg: Config, state: dict | None = None, **meta) -> Path:
     "Atomically write `model`'s trained tensors, `state` (optimizer, RNG, ...; None for an inference artifact) and meta.json to `dst`."
     sd = trainable_state_dict(model)
@@ -136,14 +149,19 @@ def save_checkpoint(dst, model: nn.Module, cfg: Config, state: dict | None = Non
     with atomic_dir(dst) as tmp:
         write_file(tmp / WEIGHTS, safetensors_bytes(sd))
         if state is not None:
-            with open(tmp / STATE, "wb") as f: torch.save(state, f); f.flush(); os.fsync(f.fileno())
+            with open(tmp / STATE, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
         write_file(tmp / META, json.dumps(meta, indent=1).encode())
     return Path(dst)
 
 def set_latest(ckpt):
     "Point `<checkpoints>/latest` at checkpoint directory `ckpt` (atomically)."
-    ckpt = Path(ckpt); tmp = ckpt.parent / f".tmp-latest-{uuid.uuid4().hex[:8]}"
-    write_file(tmp, ckpt.name.encode()); os.replace(tmp, ckpt.parent / LATEST)
+    ckpt = Path(ckpt)
+    tmp = ckpt.parent / f".tmp-latest-{uuid.uuid4().hex[:8]}"
+    write_file(tmp, ckpt.name.encode())
+    os.replace(tmp, ckpt.parent / LATEST)
 
 def latest_checkpoint(out_dir) -> Path | None:
     "The newest complete checkpoint of the run in `out_dir`, or None."
@@ -168,10 +186,11 @@ def load_train_state(path) -> dict:
     "The optimizer/scheduler/RNG/position state of a training checkpoint."
     return torch.load(resolve_checkpoint(path, training=True) / STATE, map_location="cpu", weights_only=True)
 
-# %% ../nbs/09_checkpoint.ipynb #7b936373
+# %% ../nbs/09_checkpoint.ipynb #2eb2b30d
 def load_trainable(model: nn.Module, path, cfg: Config | None = None, missing_ok: bool = False) -> dict:
     "Check that checkpoint `path` fits `model` (and `cfg`), then load its trained tensors; returns its meta."
-    path = resolve_checkpoint(path); meta = read_meta(path)
+    path = resolve_checkpoint(path)
+    meta = read_meta(path)
     problems, notes = config_differences(meta["arch"]["config"], cfg) if cfg is not None else ([], [])
     if not any(is_lora(n) for n in meta["arch"]["tensors"]):  # e.g. a stage-1 checkpoint: stage 2 may choose any LoRA
         problems = [p for p in problems if not p.startswith("lora.")]

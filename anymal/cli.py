@@ -12,18 +12,21 @@ from .config import ConfigError, add_config_args, config_from_args, to_dict
 # %% auto #0
 __all__ = ['COMMANDS', 'info_main', 'main']
 
-# %% ../nbs/23_cli.ipynb #9f0c8b6f
+# %% ../nbs/23_cli.ipynb #a30e6837
 COMMANDS = {  # subcommand -> "module:function"; each function takes argv (list of str) and returns an exit code
-    "info":     ("anymal.cli:info_main",         "print the resolved config and model sizes"),
-    "world":    ("anymal.world:world_main",      "write the synthetic shapes world"),
-    "standins": ("anymal.standins:standins_main", "train (or find cached) the tiny CLIP and LLaMA that stand in for the pretrained parts"),
-    "train":    ("anymal.stages:train_main",      "run one training stage"),
-    "eval":     ("anymal.evaluate:eval_main",    "evaluate a checkpoint (VQAv2, captions, controls)"),
-    "chat":     ("anymal.infer:chat_main",       "ask a trained model about images"),
-    "demo":     ("anymal.demo:demo_main",        "the whole tiny pipeline end to end"),
-    "bench":    ("anymal.bench:bench_main",      "full-scale memory/throughput benchmark"),
-    "plot":     ("anymal.plots:plot_main",       "plot loss/lr curves of runs"),
-    "prepare":  ("anymal.prepare:prepare_main",  "download and lay out the full-scale datasets"),
+    "info": ("anymal.cli:info_main", "print the resolved config and model sizes"),
+    "world": ("anymal.world:world_main", "write the synthetic shapes world"),
+    "standins": (
+        "anymal.standins:standins_main",
+        "train (or find cached) the tiny CLIP and LLaMA that stand in for the pretrained parts",
+    ),
+    "train": ("anymal.stages:train_main", "run one training stage"),
+    "eval": ("anymal.evaluate:eval_main", "evaluate a checkpoint (VQAv2, captions, controls)"),
+    "chat": ("anymal.infer:chat_main", "ask a trained model about images"),
+    "demo": ("anymal.demo:demo_main", "the whole tiny pipeline end to end"),
+    "bench": ("anymal.bench:bench_main", "full-scale memory/throughput benchmark"),
+    "plot": ("anymal.plots:plot_main", "plot loss/lr curves of runs"),
+    "prepare": ("anymal.prepare:prepare_main", "download and lay out the full-scale datasets"),
 }
 
 def _resolve(name: str):
@@ -32,7 +35,7 @@ def _resolve(name: str):
     mod, fn = target.split(":")
     return getattr(importlib.import_module(mod), fn)
 
-# %% ../nbs/23_cli.ipynb #2dffa947
+# %% ../nbs/23_cli.ipynb #7e57925d
 def _describe(cfg) -> dict | None:
     try: from anymal.model import describe
     except ImportError: return None
@@ -50,7 +53,9 @@ def info_main(argv: list[str] | None = None) -> int:
     if args.json: print(json.dumps(out, indent=2))
     else:
         for sec, vals in out["config"].items():
-            if not isinstance(vals, dict): print(f"{sec}: {vals}"); continue
+            if not isinstance(vals, dict):
+                print(f"{sec}: {vals}")
+                continue
             print(f"[{sec}]")
             for k, v in vals.items(): print(f"  {k} = {v!r}")
         if "model" in out: print("[model]\n" + json.dumps(out["model"], indent=2))

@@ -18,9 +18,13 @@ __all__ = ['APP_NAME', 'VOLUMES', 'MOUNT_ROOT', 'DEFAULT_GPU', 'GPU_TYPES', 'PRI
            'throttle', 'prepare_job', 'evaluate_job', 'has_modal_token', 'require_modal_token', 'wandb_url',
            'RunHandle', 'submit', 'copy_run', 'download', 'estimate_cost', 'cost_table']
 
-# %% ../nbs/24_cloud.ipynb #3c34d28a
+# %% ../nbs/24_cloud.ipynb #3a19528f
 APP_NAME = "anymal"
-VOLUMES = {"runs": "anymal-runs", "data": "anymal-data", "hf": "anymal-hf-cache"}  # mount dir under the root -> Volume name
+VOLUMES = {
+    "runs": "anymal-runs",
+    "data": "anymal-data",
+    "hf": "anymal-hf-cache",
+}  # mount dir under the root -> Volume name
 MOUNT_ROOT = "/vol"
 DEFAULT_GPU = "A100-80GB"  # 80 GB: stage 2 of the 8B model at batch 4 x 1024 with room to spare
 
@@ -38,12 +42,16 @@ def run_name_of(out_dir: str, run_name: str = "") -> str:
     "The run's path under the runs volume: `run_name`, else `out_dir` without a leading `runs/`."
     runs = volume_root() / "runs"
     if not run_name and Path(out_dir).is_absolute():
-        if not Path(out_dir).is_relative_to(runs): raise ValueError(f"train.out_dir={out_dir!r} is not on the runs volume "
-                                                                    f"({runs}); use a relative path or pass a run name")
+        if not Path(out_dir).is_relative_to(runs):
+            raise ValueError(
+                f"train.out_dir={out_dir!r} is not on the runs volume ({runs}); use a relative path or pass a run name"
+            )
         run_name = str(Path(out_dir).relative_to(runs))
     p = PurePosixPath(run_name or out_dir)
-    if not run_name and p.parts and p.parts[0] == "runs": p = PurePosixPath(*p.parts[1:]) if len(p.parts) > 1 else PurePosixPath()
-    if p.is_absolute() or not p.parts or ".." in p.parts: raise ValueError(f"bad run name {str(p)!r}: use a relative path such as 's1' or 'full/stage1'")
+    if not run_name and p.parts and p.parts[0] == "runs":
+        p = PurePosixPath(*p.parts[1:]) if len(p.parts) > 1 else PurePosixPath()
+    if p.is_absolute() or not p.parts or ".." in p.parts:
+        raise ValueError(f"bad run name {str(p)!r}: use a relative path such as 's1' or 'full/stage1'")
     return str(p)
 
 def job_config(cfg: Config, run_name: str = "") -> tuple[Config, str]:
@@ -60,18 +68,20 @@ def load_config(config: str = "full", sets: str = "") -> Config:
     config = config.strip()
     return resolve_stage_config(*((config, "") if config in PRESETS else ("tiny", config)), sets=shlex.split(sets))
 
-# %% ../nbs/24_cloud.ipynb #abb4ee2d
+# %% ../nbs/24_cloud.ipynb #fa1eb360
 GPU_TYPES = ("T4", "L4", "A10G", "L40S", "A100-40GB", "A100-80GB", "H100", "H200", "B200")
 
 def gpu_spec(gpu: str = DEFAULT_GPU, n_gpus: int = 1) -> str:
     "Modal's GPU string for `n_gpus` GPUs of type `gpu` (`gpu` may itself be `TYPE:N`)."
-    if ":" in gpu: gpu, n = gpu.split(":", 1); n_gpus = int(n)
+    if ":" in gpu:
+        gpu, n = gpu.split(":", 1)
+        n_gpus = int(n)
     match = {g.upper(): g for g in GPU_TYPES}.get(gpu.upper())
     if match is None: raise ValueError(f"unknown GPU {gpu!r}; Modal offers {', '.join(GPU_TYPES)}")
     if not 1 <= n_gpus <= 8: raise ValueError(f"n_gpus must be 1..8 (one machine), got {n_gpus}")
     return match if n_gpus == 1 else f"{match}:{n_gpus}"
 
-# %% ../nbs/24_cloud.ipynb #7ddd074e
+# %% ../nbs/24_cloud.ipynb #5d676c20
 def _latest_marker(out_dir) -> str | None:
     p = Path(out_dir) / "checkpoints" / "latest"
     return p.read_text().strip() if p.exists() else None
@@ -80,11 +90,17 @@ def watch_checkpoints(out_dir, on_checkpoint: Callable, every: float = 10.0) -> 
     "Call `on_checkpoint(path)` whenever `<out_dir>/checkpoints/latest` changes; returns a function that stops the watcher."
     stop, seen = threading.Event(), [_latest_marker(out_dir)]
     def check():
-        if (m := _latest_marker(out_dir)) is not None and m != seen[0]: seen[0] = m; on_checkpoint(Path(out_dir) / "checkpoints" / m)
+        if (m := _latest_marker(out_dir)) is not None and m != seen[0]:
+            seen[0] = m
+            on_checkpoint(Path(out_dir) / "checkpoints" / m)
     def loop():
         while not stop.wait(every): check()
-    t = threading.Thread(target=loop, daemon=True); t.start()
-    def finish(): stop.set(); t.join(); check()
+    t = threading.Thread(target=loop, daemon=True)
+    t.start()
+    def finish():
+        stop.set()
+        t.join()
+        check()
     return finish
 
 def train_job(config: str | Config, run_name: str = "", n_gpus: int = 1, sets: str = "",
@@ -99,16 +115,20 @@ def train_job(config: str | Config, run_name: str = "", n_gpus: int = 1, sets: s
     try:
         from anymal.stages import run_stage, torchrun_stage
         from anymal.standins import with_standins
-        if n_gpus > 1: return str(torchrun_stage(cfg, n_gpus, resume=True, progress=False))  # `anymal train` builds them
+
+        if n_gpus > 1:
+            return str(torchrun_stage(cfg, n_gpus, resume=True, progress=False))  # `anymal train` builds them
         return str(run_stage(with_standins(cfg), resume=True))  # the tiny preset's stand-ins first (full scale: none)
     finally: finish()
 
-# %% ../nbs/24_cloud.ipynb #6d8d7c23
+# %% ../nbs/24_cloud.ipynb #b1d502f2
 def throttle(fn: Callable, every: float) -> Callable:
     "A version of `fn` that runs at most once per `every` seconds (extra calls are dropped)."
     last = [float("-inf")]
     def g(*a, **k):
-        if time.monotonic() - last[0] >= every: last[0] = time.monotonic(); fn(*a, **k)
+        if time.monotonic() - last[0] >= every:
+            last[0] = time.monotonic()
+            fn(*a, **k)
     return g
 
 def prepare_job(dataset: str = "all", args: str = "", on_save: Callable | None = None) -> int:
@@ -122,7 +142,9 @@ def evaluate_job(run_name: str, args: str = "") -> int:
     from anymal.cli import main
     run = volume_root() / "runs" / run_name
     if not run.exists(): raise FileNotFoundError(f"no run {run_name!r} on the runs volume ({run})")
-    return main(["eval", "--checkpoint", str(run), *shlex.split(args)])  # data: the checkpoint's data.root, on the volume
+    return main(
+        ["eval", "--checkpoint", str(run), *shlex.split(args)]
+    )  # data: the checkpoint's data.root, on the volume
 
 # %% ../nbs/24_cloud.ipynb #e822c81f
 def has_modal_token() -> bool:
@@ -136,14 +158,16 @@ def require_modal_token():
         raise RuntimeError("no Modal token found: run `modal token new` (or `modal setup`) once, "
                            "or set MODAL_TOKEN_ID and MODAL_TOKEN_SECRET; then submit again")
 
-# %% ../nbs/24_cloud.ipynb #0e30e6bf
+# %% ../nbs/24_cloud.ipynb #28a688de
 def _app_module():
     "Import `modal_jobs/app.py` from this source checkout."
     import importlib.util
     path = Path(__file__).resolve().parents[1] / "modal_jobs" / "app.py"
     if not path.exists(): raise FileNotFoundError(f"{path} not found: submit from a source checkout of anymal")
     spec = importlib.util.spec_from_file_location("anymal_modal_app", path)
-    mod = importlib.util.module_from_spec(spec); sys.modules[spec.name] = mod; spec.loader.exec_module(mod)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
     return mod
 
 def wandb_url(project: str, run_id: str = "", entity: str | None = None) -> str | None:
@@ -175,8 +199,15 @@ class RunHandle:
         "The W&B page of this run, once it has started (the trainer writes its W&B id to `<run>/wandb_id`)."
         if not self.wandb_project: return None
         import modal
-        try: rid = b"".join(modal.Volume.from_name(VOLUMES["runs"]).read_file(f"{self.run_name}/wandb_id")).decode().strip()
-        except Exception: return None  # not started yet (or no W&B)
+
+        try:
+            rid = (
+                b"".join(modal.Volume.from_name(VOLUMES["runs"]).read_file(f"{self.run_name}/wandb_id"))
+                .decode()
+                .strip()
+            )
+        except Exception:
+            return None  # not started yet (or no W&B)
         return wandb_url(self.wandb_project, rid, entity)
 
     def _call(self):
@@ -196,10 +227,13 @@ class RunHandle:
 
     def cancel(self): self._call().cancel()
 
-def submit(cfg: Config, gpu: str = DEFAULT_GPU, n_gpus: int = 1, run_name: str = "", deployed: bool = False) -> RunHandle:
+def submit(
+    cfg: Config, gpu: str = DEFAULT_GPU, n_gpus: int = 1, run_name: str = "", deployed: bool = False
+) -> RunHandle:
     "Start `cfg` training on Modal (`n_gpus` x `gpu`) and return at once with a handle."
     from anymal.stages import check_stage
-    spec = gpu_spec(gpu, n_gpus); n = int(spec.split(":")[1]) if ":" in spec else 1
+    spec = gpu_spec(gpu, n_gpus)
+    n = int(spec.split(":")[1]) if ":" in spec else 1
     _, name = job_config(cfg, run_name)
     check_stage(cfg)  # a stage that cannot start fails here, not after an image build
     require_modal_token()
@@ -238,7 +272,7 @@ def download(run_name: str, local_dir="runs", what: str = "final", volume: str =
     import modal
     return copy_run(modal.Volume.from_name(volume), run_name, local_dir, what)
 
-# %% ../nbs/24_cloud.ipynb #89f7274f
+# %% ../nbs/24_cloud.ipynb #9bab8ea6
 PRICES_DATE = "2026-05-07"  # Modal's published on-demand GPU prices (USD per GPU-second) on that date
 GPU_PRICE_PER_S = {"T4": 0.000164, "L4": 0.000222, "A10G": 0.000306, "L40S": 0.000542, "A100-40GB": 0.000583,
                    "A100-80GB": 0.000694, "H100": 0.001097, "H200": 0.001261, "B200": 0.001736}
@@ -248,13 +282,14 @@ def estimate_cost(tokens: float, # tokens to train on (samples x tokens per samp
                   gpu: str = DEFAULT_GPU, n_gpus: int = 1,
                   scaling: float = 1.0) -> dict: # multi-GPU efficiency (1.0 = linear)
     "Hours and US dollars for training `tokens` at `tokens_per_s` per GPU on `n_gpus` x `gpu`."
-    spec = gpu_spec(gpu, n_gpus); g = spec.split(":")[0]
+    spec = gpu_spec(gpu, n_gpus)
+    g = spec.split(":")[0]
     if tokens_per_s <= 0: raise ValueError(f"tokens_per_s must be > 0, got {tokens_per_s}")
     eff = tokens_per_s * n_gpus * (scaling if n_gpus > 1 else 1.0)
     secs = tokens / eff
     return {"gpu": spec, "hours": secs / 3600, "usd": secs * n_gpus * GPU_PRICE_PER_S[g], "tokens_per_s": eff}
 
-# %% ../nbs/24_cloud.ipynb #28d62faa
+# %% ../nbs/24_cloud.ipynb #663eebdb
 FULL_RUNS = {  # stage -> tokens of one full run (samples x mean tokens per sample)
     "stage 1 (LCS-558K, 1 epoch)": 558_128 * 100,
     "stage 2 (LLaVA-Instruct-150K, 1 epoch)": 157_712 * 500,
@@ -265,16 +300,25 @@ def _cell(tokens: float, tps: dict, gpu: str, n: int, scaling: float) -> str:
     c = estimate_cost(tokens, tps[gpu], gpu, n, scaling)
     return f"{c['hours']:.1f} h, ${c['usd']:,.0f}"
 
-def cost_table(tokens_per_s: dict, # stage (a `runs` key) -> {GPU type: MEASURED tokens/s of one such GPU}
-               setups=(("A100-80GB", 1), ("H100", 1), ("H100", 8)), runs: dict | None = None, scaling: float = 0.9) -> str:
+def cost_table(
+    tokens_per_s: dict,  # stage (a `runs` key) -> {GPU type: MEASURED tokens/s of one such GPU}
+    setups=(("A100-80GB", 1), ("H100", 1), ("H100", 8)),
+    runs: dict | None = None,
+    scaling: float = 0.9,
+) -> str:
     "A markdown table of estimated hours and dollars per stage and GPU setup."
     runs = runs or FULL_RUNS
-    rows = ["| run | tokens | " + " | ".join(gpu_spec(g, n) for g, n in setups) + " |", "|---|---:|" + "---:|" * len(setups)]
+    rows = [
+        "| run | tokens | " + " | ".join(gpu_spec(g, n) for g, n in setups) + " |",
+        "|---|---:|" + "---:|" * len(setups),
+    ]
     for stage, tps in tokens_per_s.items():
         if stage not in runs: raise KeyError(f"unknown run {stage!r}; known: {list(runs)}")
         cells = [_cell(runs[stage], tps, g, n, scaling) for g, n in setups]
         rows.append(f"| {stage} | {runs[stage] / 1e6:,.1f}M | " + " | ".join(cells) + " |")
-    measured = "; ".join(f"{s}: " + ", ".join(f"{g} {v:,.0f} tok/s" for g, v in t.items()) for s, t in tokens_per_s.items())
+    measured = "; ".join(
+        f"{s}: " + ", ".join(f"{g} {v:,.0f} tok/s" for g, v in t.items()) for s, t in tokens_per_s.items()
+    )
     rows.append(f"\nEstimates, not bills: Modal list prices of {PRICES_DATE}, {scaling:.0%} multi-GPU scaling, "
                 f"one-GPU throughput as measured ({measured}).")
     return "\n".join(rows)

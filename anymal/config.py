@@ -18,7 +18,7 @@ __all__ = ['PRESETS', 'ConfigError', 'VisionConfig', 'ResamplerConfig', 'LLMConf
            'StandinsConfig', 'Config', 'full', 'tiny', 'preset', 'to_dict', 'from_dict', 'to_json', 'from_json',
            'override', 'add_config_args', 'config_from_args']
 
-# %% ../nbs/00_config.ipynb #610a78ba
+# %% ../nbs/00_config.ipynb #7178daee
 @dataclass
 class VisionConfig:
     "The frozen CLIP image encoder (open_clip)."
@@ -35,8 +35,10 @@ class VisionConfig:
     text_heads: int = 12       # CLIP text tower heads
     context_length: int = 77   # CLIP text context
     vocab_size: int = 49408    # CLIP BPE vocabulary
-    cache_dir: str = ""        # where open_clip looks for downloaded weights ("" = its default)
-    quick_gelu: bool = True    # OpenAI's CLIP was trained with QuickGELU; the wrong activation silently degrades its features
+    cache_dir: str = ""  # where open_clip looks for downloaded weights ("" = its default)
+    quick_gelu: bool = (
+        True  # OpenAI's CLIP was trained with QuickGELU; the wrong activation silently degrades its features
+    )
 
     @property
     def num_patches(self) -> int: return (self.image_size // self.patch_size) ** 2
@@ -44,11 +46,14 @@ class VisionConfig:
     @property
     def num_tokens(self) -> int: return self.num_patches + 1  # + CLS
 
-# %% ../nbs/00_config.ipynb #0f237095
+# %% ../nbs/00_config.ipynb #97712dbf
 @dataclass
 class ResamplerConfig:
     "The trainable bridge from patch tokens to LLM input embeddings."
-    kind: str = "perceiver"  # "perceiver" (Flamingo-style Perceiver Resampler) or "linear" (per-token projector baseline)
+
+    kind: str = (
+        "perceiver"  # "perceiver" (Flamingo-style Perceiver Resampler) or "linear" (per-token projector baseline)
+    )
     latents: int = 64        # L: image tokens the LLM reads per image (AnyMAL uses 64)
     layers: int = 6          # Flamingo uses 6 resampler layers
     heads: int = 16          # at dim_head 64 this is the vision width 1024
@@ -58,11 +63,12 @@ class ResamplerConfig:
     pos_scale: float = 1.0   # scale of that signal relative to unit-variance tokens
     dropout: float = 0.0     # no dropout: stage 1 sees each pair about once
 
-# %% ../nbs/00_config.ipynb #507d147e
+# %% ../nbs/00_config.ipynb #8d3c7daa
 @dataclass
 class LLMConfig:
     "The language model: LLaMA via transformers."
-    path: str = ""                 # local HF folder (or hub id resolved from the HF cache); "" = random init from the shapes below
+
+    path: str = ""  # local HF folder (or hub id resolved from the HF cache); "" = random init from the shapes below
     tokenizer: str = ""            # tokenizer folder; "" = same as `path`
     hidden: int = 4096             # LLaMA-3-8B
     layers: int = 32               # LLaMA-3-8B
@@ -76,24 +82,28 @@ class LLMConfig:
     quant: str = "nf4"             # "nf4" (QLoRA: 4-bit NormalFloat + double quantization) or "none"
     dtype: str = "bfloat16"        # compute dtype on GPU; CPU runs use float32 unless told otherwise
     grad_ckpt: bool = True         # gradient checkpointing: activations of 32 layers do not fit otherwise
-    attn: str = "sdpa"             # PyTorch scaled_dot_product_attention
-    loss_chunk: int = 1024         # target tokens per cross-entropy chunk: 1024 x 128K-vocab fp32 logits is 0.5 GB, never the whole batch
+    attn: str = "sdpa"  # PyTorch scaled_dot_product_attention
+    loss_chunk: int = (
+        1024  # target tokens per cross-entropy chunk: 1024 x 128K-vocab fp32 logits is 0.5 GB, never the whole batch
+    )
 
-# %% ../nbs/00_config.ipynb #bf6957a9
+# %% ../nbs/00_config.ipynb #26f9b92b
 @dataclass
 class LoRAConfig:
     "LoRA adapters for stage 2 (through peft)."
     r: int = 64                    # AnyMAL / QLoRA paper rank
-    alpha: int = 16                # QLoRA paper
-    dropout: float = 0.05          # QLoRA used 0.1 up to 13B and 0.05 for 33-65B; a little regularisation, cheap to turn off
+    alpha: int = 16  # QLoRA paper
+    dropout: float = 0.05  # QLoRA used 0.1 up to 13B and 0.05 for 33-65B; a little regularisation, cheap to turn off
     targets: str = "all-linear"    # every linear layer of the LLM except lm_head, as QLoRA recommends
 
-# %% ../nbs/00_config.ipynb #a84314ea
+# %% ../nbs/00_config.ipynb #dfde6630
 @dataclass
 class DataConfig:
     "Where the data lives and how samples become token sequences."
-    root: str = "data"             # folder with the formats the loaders read (the world writes them here too)
-    caption_shards: str = "captions/{split}-*.tar"  # stage 1: webdataset tar shards (img2dataset layout), relative to root
+    root: str = "data"  # folder with the formats the loaders read (the world writes them here too)
+    caption_shards: str = (
+        "captions/{split}-*.tar"  # stage 1: webdataset tar shards (img2dataset layout), relative to root
+    )
     instruct_json: str = "llava/llava_instruct_{split}.json"  # stage 2: LLaVA-Instruct-style JSON, relative to root
     image_folder: str = "images"   # images referenced by the instruct JSON, relative to root
     max_len: int = 1024            # tokens per sample after splicing image placeholders
@@ -107,7 +117,7 @@ class DataConfig:
     world_image_size: int = 64     # rendered resolution
     world_seed: int = 0            # the world is a pure function of its config and this seed
 
-# %% ../nbs/00_config.ipynb #d4e3372a
+# %% ../nbs/00_config.ipynb #ce629653
 @dataclass
 class TrainConfig:
     "One training run (either stage)."
@@ -129,19 +139,24 @@ class TrainConfig:
     eval_batches: int = 20         # batches per validation
     save_every: int = 500          # checkpoint interval (steps)
     log_every: int = 10            # metrics.jsonl / W&B interval (steps)
-    seed: int = 0                  # everything random derives from this
-    mode: str = "standard"         # "standard" (as built), "small" (least memory) or "fast" (throughput): see anymal.modes
+    seed: int = 0  # everything random derives from this
+    mode: str = "standard"  # "standard" (as built), "small" (least memory) or "fast" (throughput): see anymal.modes
     wandb_project: str = ""        # "" = no W&B; otherwise online with a key, offline without one
-    compile: bool = False          # torch.compile the LLM blocks
-    group_by_length: bool = False  # batch samples of similar length together (less padding; still shuffled and resumable)
-    cpu_bf16: bool = False         # bf16 autocast on a CPU with native bf16 (AVX512-BF16/AMX; 1.3-1.5x a tiny step); CUDA is always bf16
-    cache_features: bool = False   # encode each image once with the frozen CLIP and train on the cached features (tiny: seconds; full: TBs)
+    compile: bool = False  # torch.compile the LLM blocks
+    group_by_length: bool = False
+    cpu_bf16: bool = False
+    cache_features: bool = (
+        False  # encode each image once with the frozen CLIP and train on the cached features (tiny: seconds; full: TBs)
+    )
 
-# %% ../nbs/00_config.ipynb #1c993fdc
+# %% ../nbs/00_config.ipynb #a17354d8
 @dataclass
 class StandinsConfig:
     "Tiny scale only: pretraining the parts AnyMAL keeps frozen (a tiny CLIP, a tiny LLaMA) on the shapes world."
-    enabled: bool = False          # full scale loads released CLIP/LLaMA weights; `tiny()` pretrains its own (cached, see anymal.standins)
+
+    enabled: bool = (
+        False  # full scale loads released CLIP/LLaMA weights; `tiny()` pretrains its own (cached, see anymal.standins)
+    )
     clip_steps: int = 100          # contrastive steps: short, the frozen CLIP only has to mean something
     clip_batch: int = 256          # image-caption pairs per contrastive step (more negatives per step)
     clip_lr: float = 1e-3          # AdamW peak LR for the tiny CLIP
@@ -150,12 +165,16 @@ class StandinsConfig:
     lm_block: int = 256            # tokens per LM row: a packed row's length, a document row's limit
     lm_rows: str = "documents"     # "documents": each token sees only its own document (a question, its own scene);
                                    # "packed": documents concatenated into full rows of `lm_block` (GPT-style)
-    lm_lr: float = 3e-3            # AdamW peak LR for the tiny LLaMA (small models take large LRs)
-    lm_scenes: int = 0             # text-only scenes drawn like the train split's, added to the LLaMA's documents (anymal.standins.text_scenes)
+    lm_lr: float = 3e-3  # AdamW peak LR for the tiny LLaMA (small models take large LRs)
+    lm_scenes: int = (
+        0  # text-only scenes drawn like the train split's, added to the LLaMA's documents (anymal.standins.text_scenes)
+    )
     lm_per_type: int = 4           # questions of each type per text-only scene (the world asks 2 per image)
-    lm_bf16: bool = False          # bf16 autocast where the CPU has native bf16 (as train.cpu_bf16)
-    lm_format: str = "chat"        # "chat": the world's text in the stages' chat form; "plain": text/lm_{split}.txt lines
-    lm_targets: str = "assistant"  # chat only: "assistant" trains on the answers (the reading skill), "all" on every token
+    lm_bf16: bool = False  # bf16 autocast where the CPU has native bf16 (as train.cpu_bf16)
+    lm_format: str = "chat"  # "chat": the world's text in the stages' chat form; "plain": text/lm_{split}.txt lines
+    lm_targets: str = (
+        "assistant"  # chat only: "assistant" trains on the answers (the reading skill), "all" on every token
+    )
     warmup: int = 20               # linear warm-up steps of both, then cosine to 10%
 
 # %% ../nbs/00_config.ipynb #172f373a
@@ -171,12 +190,14 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     standins: StandinsConfig = field(default_factory=StandinsConfig)
 
-# %% ../nbs/00_config.ipynb #b5d10061
+# %% ../nbs/00_config.ipynb #0fd59935
 def full() -> Config:
     "The real shapes: CLIP ViT-L/14 `openai`, 6x64 resampler, LLaMA-3-8B-Instruct in NF4 with LoRA r=64."
     c = Config(preset="full")
     c.llm.path = "meta-llama/Meta-Llama-3-8B-Instruct"
-    c.train.mode = "small"  # issue 9: less than half the memory of the standard QLoRA recipe, and no slower (docs/performance.md)
+    c.train.mode = (
+        "small"  # issue 9: less than half the memory of the standard QLoRA recipe, and no slower (docs/performance.md)
+    )
     return c
 
 def tiny() -> Config:
@@ -254,7 +275,7 @@ def from_json(s_or_path) -> Config:
     if not s.lstrip().startswith("{"): s = Path(s).read_text()
     return from_dict(json.loads(s))
 
-# %% ../nbs/00_config.ipynb #ba3ae627
+# %% ../nbs/00_config.ipynb #46a95bfd
 def _parse_value(s: str):
     try: return json.loads(s)
     except json.JSONDecodeError: return s
@@ -275,7 +296,8 @@ def override(cfg: Config, sets=(), **kw) -> Config:
             if p not in hints: raise _unknown(key, p, hints)
             tp = hints[p]
             if i == len(parts) - 1:
-                if dataclasses.is_dataclass(tp): raise ConfigError(f"config key {key!r} is a section; set one of its keys")
+                if dataclasses.is_dataclass(tp):
+                    raise ConfigError(f"config key {key!r} is a section; set one of its keys")
                 if tp is str and isinstance(v, (int, float)): v = str(v)  # `--set llm.path=123` means the text
                 node[p] = _coerce(key, tp, v)
             else:

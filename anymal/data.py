@@ -30,7 +30,7 @@ def load_image(src, name: str) -> Image.Image:
     except FileNotFoundError: raise BadRecord(f"{name}: image file {src} not found", "missing image")
     except Exception as e: raise BadRecord(f"{name}: cannot decode image: {type(e).__name__}: {e}", "corrupt image")
 
-# %% ../nbs/08_data.ipynb #36ad8384
+# %% ../nbs/08_data.ipynb #e151684f
 class SampleDataset(Dataset):
     "Base for datasets that skip-and-count or raise on bad records."
     max_consecutive_bad = 100  # more bad records in a row than this means the data, not a record, is broken
@@ -42,7 +42,8 @@ class SampleDataset(Dataset):
         "Raise `e`, or count it when skipping bad records."
         if not self.skip_bad: raise e
         if idx is None or idx not in self._bad_idx:
-            self.skipped[e.kind] += 1; self.bad.append(str(e))
+            self.skipped[e.kind] += 1
+            self.bad.append(str(e))
             if idx is not None: self._bad_idx.add(idx)
 
     def __getitem__(self, i: int) -> dict:
@@ -65,7 +66,7 @@ class SampleDataset(Dataset):
         return dict(input_ids=torch.tensor(enc["input_ids"]), labels=torch.tensor(enc["labels"]), n_images=n,
                     pixels=pix, image_keys=keys[:n], sample_id=sid)
 
-# %% ../nbs/08_data.ipynb #a23ef00e
+# %% ../nbs/08_data.ipynb #8817e1a2
 ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 
 def llava_messages(rec: dict, name: str) -> tuple[list[dict], list[str]]:
@@ -81,16 +82,19 @@ def llava_messages(rec: dict, name: str) -> tuple[list[dict], list[str]]:
         if not isinstance(t, dict) or t.get("from") not in ROLES or not isinstance(t.get("value"), str):
             raise BadRecord(f"{name}: turn {i} is not {{from: human|gpt|system, value: str}}: {str(t)[:80]}")
         msgs.append(dict(role=ROLES[t["from"]], content=t["value"]))
-    if not any(m["role"] == "assistant" for m in msgs): raise BadRecord(f"{name}: no assistant turn", "no assistant turn")
-    if next(m for m in msgs if m["role"] != "system")["role"] != "user": raise BadRecord(f"{name}: the first turn is not from the human")
+    if not any(m["role"] == "assistant" for m in msgs):
+        raise BadRecord(f"{name}: no assistant turn", "no assistant turn")
+    if next(m for m in msgs if m["role"] != "system")["role"] != "user":
+        raise BadRecord(f"{name}: the first turn is not from the human")
     n = sum(m["content"].count(IMAGE_MARKER) for m in msgs)
     users = [i for i, m in enumerate(msgs) if m["role"] == "user"]
     if len(images) == 1 and n == 0 and users:
-        msgs[users[0]] = dict(msgs[users[0]], content=f"{IMAGE_MARKER}\n{msgs[users[0]]['content']}"); n = 1
+        msgs[users[0]] = dict(msgs[users[0]], content=f"{IMAGE_MARKER}\n{msgs[users[0]]['content']}")
+        n = 1
     if n != len(images): raise BadRecord(f"{name}: {n} {IMAGE_MARKER} markers for {len(images)} images")
     return msgs, images
 
-# %% ../nbs/08_data.ipynb #ad176994
+# %% ../nbs/08_data.ipynb #b00043a1
 class InstructDataset(SampleDataset):
     "Stage 2: LLaVA-Instruct-style JSON + image folder -> multi-turn chat samples."
     def __init__(self, json_path, # the LLaVA JSON (a list of records)
@@ -105,7 +109,8 @@ class InstructDataset(SampleDataset):
         self.transform = (transform or clip_preprocess(cfg.vision)) if pixels else None
         try: recs = json.loads(self.path.read_text())
         except (OSError, ValueError) as e: raise ValueError(f"{self.path}: cannot read LLaVA JSON: {e}") from e
-        if not isinstance(recs, list): raise ValueError(f"{self.path}: expected a JSON list of records, got {type(recs).__name__}")
+        if not isinstance(recs, list):
+            raise ValueError(f"{self.path}: expected a JSON list of records, got {type(recs).__name__}")
         self.records = [r for i, rec in enumerate(recs) if (r := self._check(i, rec))]
         if not self.records: raise ValueError(f"{self.path}: no usable records ({self.summary()})")
 
@@ -115,7 +120,8 @@ class InstructDataset(SampleDataset):
         try:
             msgs, images = llava_messages(rec, name)
             for p in images:
-                if not (self.folder / p).is_file(): raise BadRecord(f"{name}: image file {self.folder / p} not found", "missing image")
+                if not (self.folder / p).is_file():
+                    raise BadRecord(f"{name}: image file {self.folder / p} not found", "missing image")
             return name, str(rec.get("id", i)), msgs, images
         except BadRecord as e: self._reject(e)
 
@@ -129,7 +135,7 @@ class InstructDataset(SampleDataset):
         enc = encode_chat(self.tok, msgs, self.L, self.max_len, name=name)
         return self._sample(enc, [self.folder / p for p in images], images, rid, name)
 
-# %% ../nbs/08_data.ipynb #7f12558c
+# %% ../nbs/08_data.ipynb #a0d35886
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 class CaptionDataset(SampleDataset):
@@ -138,7 +144,10 @@ class CaptionDataset(SampleDataset):
                  tokenizer, cfg: Config, transform=None, pixels: bool = True, skip_bad: bool | None = None):
         super().__init__(cfg.data.skip_bad if skip_bad is None else skip_bad)
         self.tok, self.L, self.max_len, self.pixels = tokenizer, cfg.resampler.latents, cfg.data.max_len, pixels
-        self.prompt, self.transform = cfg.data.stage1_prompt, (transform or clip_preprocess(cfg.vision)) if pixels else None
+        self.prompt, self.transform = (
+            cfg.data.stage1_prompt,
+            (transform or clip_preprocess(cfg.vision)) if pixels else None,
+        )
         paths = sorted(glob.glob(str(shards))) if isinstance(shards, (str, Path)) else list(shards)
         if not paths: raise FileNotFoundError(f"no caption shards match {shards}")
         self.items = [it for p in paths for it in self._index(Path(p))]
@@ -149,7 +158,8 @@ class CaptionDataset(SampleDataset):
         try:
             with tarfile.open(path) as tar: members = [m for m in tar.getmembers() if m.isfile()]
         except (tarfile.TarError, OSError) as e:
-            self._reject(BadRecord(f"{path}: unreadable tar shard: {e}", "corrupt shard")); return []
+            self._reject(BadRecord(f"{path}: unreadable tar shard: {e}", "corrupt shard"))
+            return []
         groups = {}
         for m in members:
             d, _, base = m.name.rpartition("/")
@@ -158,8 +168,12 @@ class CaptionDataset(SampleDataset):
         out = []
         for key, g in groups.items():
             img = next((e for e in IMAGE_EXTS if e in g), None)
-            if img and "txt" in g: out.append((path, key, g[img], g["txt"]))
-            else: self._reject(BadRecord(f"{path.name}/{key}: sample has no {'image' if img is None else 'caption (.txt)'}"))
+            if img and "txt" in g:
+                out.append((path, key, g[img], g["txt"]))
+            else:
+                self._reject(
+                    BadRecord(f"{path.name}/{key}: sample has no {'image' if img is None else 'caption (.txt)'}")
+                )
         return out
 
     def __len__(self): return len(self.items)
@@ -171,21 +185,27 @@ class CaptionDataset(SampleDataset):
         path, key, (io_, is_), (to, ts) = self.items[i]
         name, sid = f"{path.name}/{key}", f"{path.stem}/{key}"
         with open(path, "rb") as f:
-            f.seek(to); raw = f.read(ts)
-            f.seek(io_); img = f.read(is_) if self.pixels else None
+            f.seek(to)
+            raw = f.read(ts)
+            f.seek(io_)
+            img = f.read(is_) if self.pixels else None
         try: cap = raw.decode("utf-8").strip()
         except UnicodeDecodeError: raise BadRecord(f"{name}: caption is not UTF-8")
         if not cap: raise BadRecord(f"{name}: empty caption")
         msgs = [dict(role="user", content=f"{IMAGE_MARKER}\n{self.prompt}"), dict(role="assistant", content=cap)]
         return self._sample(encode_chat(self.tok, msgs, self.L, self.max_len, name=name), [img], [sid], sid, name)
 
-# %% ../nbs/08_data.ipynb #2e8cca17
+# %% ../nbs/08_data.ipynb #bdc7c539
 def vqa_prompts(questions_json, # VQAv2 questions file
                 image_name: str, # image path from its id, relative to the image folder, e.g. "val/{image_id}.png"
                 prompt: str) -> list[tuple[str, str, str]]: # the short-answer instruction
     "(question_id, image path, `<image>` + question + prompt) for every VQAv2 question."
     qs = json.loads(Path(questions_json).read_text())["questions"]
-    return [(str(q["question_id"]), image_name.format(image_id=q["image_id"]), f"{IMAGE_MARKER}\n{q['question']}\n{prompt}") for q in qs]
+    return [
+        (str(q["question_id"]), image_name.format(image_id=q["image_id"]), f"{IMAGE_MARKER}\n{q['question']}\n{prompt}")
+        for q in qs
+    ]
+
 
 def caption_prompts(coco_json, image_dir: str, prompt: str) -> list[tuple[str, str, str]]:
     "(image id, image path, `<image>` + prompt) for every image of a COCO-captions file."
@@ -197,7 +217,13 @@ class PromptDataset(SampleDataset):
     def __init__(self, items: list[tuple[str, str, str]], image_folder, tokenizer, cfg: Config, transform=None,
                  pixels: bool = True, skip_bad: bool | None = None):
         super().__init__(cfg.data.skip_bad if skip_bad is None else skip_bad)
-        self.folder, self.tok, self.L, self.max_len, self.pixels = Path(image_folder), tokenizer, cfg.resampler.latents, cfg.data.max_len, pixels
+        self.folder, self.tok, self.L, self.max_len, self.pixels = (
+            Path(image_folder),
+            tokenizer,
+            cfg.resampler.latents,
+            cfg.data.max_len,
+            pixels,
+        )
         self.transform = (transform or clip_preprocess(cfg.vision)) if pixels else None
         self.items = []
         for sid, img, text in items:
@@ -208,10 +234,17 @@ class PromptDataset(SampleDataset):
 
     def _get(self, i: int) -> dict:
         sid, img, text = self.items[i]
-        enc = encode_chat(self.tok, [dict(role="user", content=text)], self.L, self.max_len, add_generation_prompt=True, name=f"prompt {sid}")
+        enc = encode_chat(
+            self.tok,
+            [dict(role="user", content=text)],
+            self.L,
+            self.max_len,
+            add_generation_prompt=True,
+            name=f"prompt {sid}",
+        )
         return self._sample(enc, [self.folder / img], [img], sid, f"prompt {sid}")
 
-# %% ../nbs/08_data.ipynb #35abea85
+# %% ../nbs/08_data.ipynb #8cba86b6
 def length_batches(idx: list[int], # the items to batch (e.g. one shuffled epoch)
                    lengths, # lengths[i]: a size of item i
                    batch: int, g: torch.Generator, window: int = 32) -> tuple[list[list[int]], list[int]]:
@@ -220,7 +253,8 @@ def length_batches(idx: list[int], # the items to batch (e.g. one shuffled epoch
     for s in range(0, len(idx), w):
         part = sorted(idx[s:s + w], key=lambda i: lengths[i])
         n = len(part) // batch * batch
-        full += [part[j:j + batch] for j in range(0, n, batch)]; rest += part[n:]
+        full += [part[j:j + batch] for j in range(0, n, batch)]
+        rest += part[n:]
     return [full[k] for k in torch.randperm(len(full), generator=g).tolist()], rest
 
 # %% ../nbs/08_data.ipynb #dc3199f2
@@ -239,15 +273,17 @@ def first_fit(lengths: list[int], # the size of each item
         room[r] -= lengths[i]
     return rows
 
-# %% ../nbs/08_data.ipynb #0b53f846
+# %% ../nbs/08_data.ipynb #b74d538d
 def collate(samples: list[dict], pad_id: int, padding_side: str = "right") -> dict:
     "Pad samples to the batch's longest; `right` for training, `left` for generation."
-    if padding_side not in ("left", "right"): raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     B, T = len(samples), max(len(s["input_ids"]) for s in samples)
     ids, labels = torch.full((B, T), pad_id, dtype=torch.long), torch.full((B, T), -100, dtype=torch.long)
     mask = torch.zeros(B, T, dtype=torch.long)
     for b, s in enumerate(samples):
-        n = len(s["input_ids"]); sl = slice(T - n, T) if padding_side == "left" else slice(0, n)
+        n = len(s["input_ids"])
+        sl = slice(T - n, T) if padding_side == "left" else slice(0, n)
         ids[b, sl], labels[b, sl], mask[b, sl] = s["input_ids"], s["labels"], 1
     pix = [s["pixels"] for s in samples if s.get("pixels") is not None]
     return dict(input_ids=ids, attention_mask=mask, labels=labels,  # (B, T) each
@@ -262,19 +298,34 @@ class Collator:
     padding_side: str = "right"
     def __call__(self, samples: list[dict]) -> dict: return collate(samples, self.pad_id, self.padding_side)
 
-# %% ../nbs/08_data.ipynb #c208cd94
+# %% ../nbs/08_data.ipynb #d616f9e4
 def build_dataset(cfg: Config, tokenizer, stage: int, split: str = "train", transform=None, pixels: bool = True,
                   skip_bad: bool | None = None) -> SampleDataset:
     "The dataset of `stage` (1: caption shards, 2: LLaVA JSON) and `split`, from the paths in `cfg.data`."
     d, root = cfg.data, Path(cfg.data.root)
-    if stage == 1: return CaptionDataset(root / d.caption_shards.format(split=split), tokenizer, cfg, transform, pixels, skip_bad)
-    if stage == 2: return InstructDataset(root / d.instruct_json.format(split=split), root / d.image_folder, tokenizer, cfg,
-                                          transform, pixels, skip_bad)
+    if stage == 1:
+        return CaptionDataset(root / d.caption_shards.format(split=split), tokenizer, cfg, transform, pixels, skip_bad)
+    if stage == 2:
+        return InstructDataset(
+            root / d.instruct_json.format(split=split),
+            root / d.image_folder,
+            tokenizer,
+            cfg,
+            transform,
+            pixels,
+            skip_bad,
+        )
     raise ValueError(f"stage must be 1 or 2, got {stage!r}")
 
 def build_loader(ds: SampleDataset, tokenizer, cfg: Config, shuffle: bool = True, padding_side: str = "right",
                  seed: int | None = None) -> DataLoader:
     "A DataLoader of padded batches (`cfg.train.batch_size`, `cfg.data.num_workers`), shuffled from `seed`."
     g = torch.Generator().manual_seed(cfg.train.seed if seed is None else seed)
-    return DataLoader(ds, batch_size=cfg.train.batch_size, shuffle=shuffle, generator=g, num_workers=cfg.data.num_workers,
-                      collate_fn=Collator(tokenizer.pad_token_id, padding_side))
+    return DataLoader(
+        ds,
+        batch_size=cfg.train.batch_size,
+        shuffle=shuffle,
+        generator=g,
+        num_workers=cfg.data.num_workers,
+        collate_fn=Collator(tokenizer.pad_token_id, padding_side),
+    )

@@ -53,7 +53,7 @@ def memo_assistant(checkpoint):
     a.model.encoder = MemoEncoder(a.model.encoder)
     return a
 
-# %% ../nbs/21_demo.ipynb #7b757e13
+# %% ../nbs/21_demo.ipynb #c4830c6f
 def score_vqa(run, # a stage-2 run folder (or checkpoint)
              cfg: Config, # for the data paths and the VQA instruction
              split: str = "test", control: str = "none", limit: int | None = None, batch_size: int = 128,
@@ -64,40 +64,61 @@ def score_vqa(run, # a stage-2 run folder (or checkpoint)
     a.transform = a.model.encoder.preprocess  # exactly the training transform (the encoder's own)
     root = Path(cfg.data.root)
     out = None if out_dir is None else Path(out_dir) / f"vqa_{split}_{control}.json"
-    return evaluate_vqa(make_answer_fn(a, batch_size=batch_size, max_new_tokens=8), root / "vqa" / f"v2_OpenEnded_shapes_{split}_questions.json",
-                        root / "vqa" / f"v2_shapes_{split}_annotations.json", root / "images", out_path=out,
-                        batch_size=batch_size, control=control, limit=limit, instruction=cfg.data.vqa_prompt,
-                        image_path_fn=lambda i: f"{split}/{i}.png")
+    return evaluate_vqa(
+        make_answer_fn(a, batch_size=batch_size, max_new_tokens=8),
+        root / "vqa" / f"v2_OpenEnded_shapes_{split}_questions.json",
+        root / "vqa" / f"v2_shapes_{split}_annotations.json",
+        root / "images",
+        out_path=out,
+        batch_size=batch_size,
+        control=control,
+        limit=limit,
+        instruction=cfg.data.vqa_prompt,
+        image_path_fn=lambda i: f"{split}/{i}.png",
+    )
 
-# %% ../nbs/21_demo.ipynb #b4af7efb
+# %% ../nbs/21_demo.ipynb #1bd45570
 def _phase(name: str, t0: float, log: dict, progress: bool):
     "Record when phase `name` ended: wall seconds since `t0`, and this process's CPU seconds."
-    log[name] = round(time.time() - t0, 2); log[name + "_cpu"] = round(time.process_time(), 2)
+    log[name] = round(time.time() - t0, 2)
+    log[name + "_cpu"] = round(time.process_time(), 2)
     if progress: print(f"[demo] {name} done at {log[name]:.1f} s (CPU {log[name + '_cpu']:.1f} s)", flush=True)
 
 def _summary(r: dict) -> dict:
     return dict(overall=r["overall"], per_type=r["perQuestionType"], n=r["counts"]["overall"])
 
 DEMO_RECIPES = {  # the demo's settings over its preset (docs/tiny-recipe.md): {0: every phase, 1: stage 1, 2: stage 2}
-    "tiny": {0: ["vision.patch_size=4",  # 256 patches of 4 px: the shapes' outlines survive (8 px: a lone shape named 61% right)
-                 "standins.clip_batch=64", "standins.clip_lr=1e-4",  # a light contrastive pass (100 steps): at 1e-3 the
-                 # tower loses shape; with 50 steps position fell to 56-66% (64-70% with 100)
-                 "standins.lm_steps=1500", "standins.lm_lr=1e-3",  # the tiny LLaMA learns to look things up (3e-3: it does not)
-                 "standins.lm_scenes=16000",  # from text it cannot recall: 16,000 more scenes, as text only
-                 "standins.lm_block=160",  # rows just longer than its longest document (158): attention costs a row's square
-                 "standins.lm_bf16=true", "train.cpu_bf16=true",  # bf16 where the CPU has it natively: ~1.3-1.5x a step
-                 "llm.attn=eager"]}}  # short rows: plain matmul attention beats SDPA's CPU kernel (its backward above all)
+    "tiny": {
+        0: [
+            "vision.patch_size=4",  # 256 patches of 4 px: the shapes' outlines survive (8 px: a lone shape named 61% right)
+            "standins.clip_batch=64",
+            "standins.clip_lr=1e-4",  # a light contrastive pass (100 steps): at 1e-3 the
+            # tower loses shape; with 50 steps position fell to 56-66% (64-70% with 100)
+            "standins.lm_steps=1500",
+            "standins.lm_lr=1e-3",  # the tiny LLaMA learns to look things up (3e-3: it does not)
+            "standins.lm_scenes=16000",  # from text it cannot recall: 16,000 more scenes, as text only
+            "standins.lm_block=160",  # rows just longer than its longest document (158): attention costs a row's square
+            "standins.lm_bf16=true",
+            "train.cpu_bf16=true",  # bf16 where the CPU has it natively: ~1.3-1.5x a step
+            "llm.attn=eager",
+        ]
+    }
+}  # short rows: plain matmul attention beats SDPA's CPU kernel (its backward above all)
 
-def train_procs(cfg: Config, # a stage config (`stage_config`); its `train.batch_size` is the global batch, split over the processes
-                procs: int = 2, # local CPU processes (torchrun, gloo); 1 trains in this process
-                threads: int | None = None, # torch threads of each process (default: this process's, divided by `procs`)
-                progress: bool = True) -> Path:
+
+def train_procs(
+    cfg: Config,  # a stage config (`stage_config`); its `train.batch_size` is the global batch, split over the processes
+    procs: int = 2,  # local CPU processes (torchrun, gloo); 1 trains in this process
+    threads: int | None = None,  # torch threads of each process (default: this process's, divided by `procs`)
+    progress: bool = True,
+) -> Path:
     "`run_stage(cfg)` as `procs` local processes under torchrun (DDP over gloo), or in this process when `procs` is 1."
     if procs <= 1: return run_stage(cfg, progress=progress)
     bs = cfg.train.batch_size
     if bs % procs: raise ConfigError(f"train.batch_size={bs} does not split evenly over {procs} processes")
     c = override(cfg, [f"train.batch_size={bs // procs}"])  # per process: the global batch stays `bs`
-    if c.train.cache_features: build_stage(c, progress)  # the images' features, encoded here once with all our threads (cached)
+    if c.train.cache_features:
+        build_stage(c, progress)  # the images' features, encoded here once with all our threads (cached)
     threads = threads or max(1, torch.get_num_threads() // procs)
     return torchrun_stage(c, procs, progress=progress, env={"OMP_NUM_THREADS": str(threads)})
 
@@ -118,19 +139,30 @@ def demo(base: Config, # a preset: its demo recipe (`DEMO_RECIPES`) and stage re
     out, t0, times = Path(out), time.time(), {}
     sets, stage_sets = demo_sets(base.preset, sets, stage_sets)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = ensure_world(override(base, sets), out / "world"); _phase("world", t0, times, progress)
+    cfg = ensure_world(override(base, sets), out / "world")
+    _phase("world", t0, times, progress)
     cfg = with_standins(cfg, progress=progress)
     _phase("standins", t0, times, progress)
-    sets = [*sets, f"data.root={cfg.data.root}", f"vision.pretrained={cfg.vision.pretrained}", f"llm.path={cfg.llm.path}",
-            f"llm.tokenizer={cfg.llm.tokenizer}"]
+    sets = [
+        *sets,
+        f"data.root={cfg.data.root}",
+        f"vision.pretrained={cfg.vision.pretrained}",
+        f"llm.path={cfg.llm.path}",
+        f"llm.tokenizer={cfg.llm.tokenizer}",
+    ]
     runs = {}
     for s in (1, 2):
         extra = [f"train.out_dir={out / f'stage{s}'}"] + ([f"train.init_from={runs[1]}"] if s == 2 else [])
         c = stage_config(base, s, [*sets, *extra, *stage_sets.get(s, [])])
-        train_procs(c, procs, progress=progress); runs[s] = Path(c.train.out_dir); _phase(f"stage{s}", t0, times, progress)
+        train_procs(c, procs, progress=progress)
+        runs[s] = Path(c.train.out_dir)
+        _phase(f"stage{s}", t0, times, progress)
     a = memo_assistant(runs[2])
-    ev = {name: score_vqa(runs[2], cfg, split, control, eval_limit, out_dir=out / "eval", assistant=a)
-          for name, split, control in [("test", "test", "none"), ("blank", "test", "blank")] + ([("heldout", "heldout", "none")] if heldout else [])}
+    ev = {
+        name: score_vqa(runs[2], cfg, split, control, eval_limit, out_dir=out / "eval", assistant=a)
+        for name, split, control in [("test", "test", "none"), ("blank", "test", "blank")]
+        + ([("heldout", "heldout", "none")] if heldout else [])
+    }
     _phase("eval", t0, times, progress)
     for s, r in runs.items(): plot_curves(r, keys=("loss", "lr"), save=out / f"loss_stage{s}.png")
     plot_accuracy({k: v for k, v in ev.items()}, save=out / "vqa_accuracy.png")
@@ -145,57 +177,115 @@ def demo(base: Config, # a preset: its demo recipe (`DEMO_RECIPES`) and stage re
     (out / "results.json").write_text(json.dumps(res, indent=1))
     return res
 
-# %% ../nbs/21_demo.ipynb #e1ac9e26
+# %% ../nbs/21_demo.ipynb #7869e1fc
 def accuracy_curve(out, # a finished `demo` folder (with results.json)
                    limit: int | None = 600, # the first `limit` test questions at every checkpoint
                    progress: bool = True) -> list[dict]:
     "VQA accuracy of every stage-2 checkpoint against demo wall time: `<out>/curve.jsonl` and `accuracy_vs_time.png`."
     out = Path(out)
     res = json.loads((out / "results.json").read_text())
-    if "started_at" not in res: raise ValueError(f"{out / 'results.json'} has no started_at: re-run the demo with this version")
+    if "started_at" not in res:
+        raise ValueError(f"{out / 'results.json'} has no started_at: re-run the demo with this version")
     cfg, rows = from_dict(res["config"]), []
     ckpts = sorted((out / "stage2" / "checkpoints").glob("step-*"))
     if not ckpts: raise FileNotFoundError(f"no stage-2 checkpoints under {out / 'stage2' / 'checkpoints'}")
     for ck in ckpts:
         a = memo_assistant(ck)
         r, b = (score_vqa(ck, cfg, "test", control, limit, assistant=a) for control in ("none", "blank"))
-        rows.append(dict(step=int(ck.name.split("-")[1]), seconds=round((ck / "meta.json").stat().st_mtime - res["started_at"], 1),
-                         vqa_accuracy=r["overall"], blind_vqa_accuracy=b["overall"], per_type=r["perQuestionType"],
-                         n_questions=r["counts"]["overall"], image=r, blank=b))
-        if progress: print(f"[curve] step {rows[-1]['step']}: {rows[-1]['vqa_accuracy']:.1f}% at {rows[-1]['seconds']:.0f} s", flush=True)
+        rows.append(
+            dict(
+                step=int(ck.name.split("-")[1]),
+                seconds=round((ck / "meta.json").stat().st_mtime - res["started_at"], 1),
+                vqa_accuracy=r["overall"],
+                blind_vqa_accuracy=b["overall"],
+                per_type=r["perQuestionType"],
+                n_questions=r["counts"]["overall"],
+                image=r,
+                blank=b,
+            )
+        )
+        if progress:
+            print(
+                f"[curve] step {rows[-1]['step']}: {rows[-1]['vqa_accuracy']:.1f}% at {rows[-1]['seconds']:.0f} s",
+                flush=True,
+            )
     with open(out / "curve.jsonl", "w") as f:
         for row in rows: f.write(json.dumps({k: v for k, v in row.items() if k not in ("image", "blank")}) + "\n")
-    plot_accuracy_curve({"image": [(r["seconds"], r["image"]) for r in rows], "blank image": [(r["seconds"], r["blank"]) for r in rows]},
-                        save=out / "accuracy_vs_time.png", xlabel="seconds since the demo started")
+    plot_accuracy_curve(
+        {
+            "image": [(r["seconds"], r["image"]) for r in rows],
+            "blank image": [(r["seconds"], r["blank"]) for r in rows],
+        },
+        save=out / "accuracy_vs_time.png",
+        xlabel="seconds since the demo started",
+    )
     return rows
 
-# %% ../nbs/21_demo.ipynb #a2d52943
+# %% ../nbs/21_demo.ipynb #a0f8c614
 def demo_main(argv: list[str] | None = None) -> int:
     "`anymal demo`: the whole tiny pipeline end to end; prints one JSON line of results."
     ap = argparse.ArgumentParser(prog="anymal demo", description=demo_main.__doc__)
     ap.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    ap.add_argument("--stage1", action="append", default=[], metavar="KEY=VALUE", help="override for stage 1 only (repeatable)")
-    ap.add_argument("--stage2", action="append", default=[], metavar="KEY=VALUE", help="override for stage 2 only (repeatable)")
+    ap.add_argument(
+        "--stage1", action="append", default=[], metavar="KEY=VALUE", help="override for stage 1 only (repeatable)"
+    )
+    ap.add_argument(
+        "--stage2", action="append", default=[], metavar="KEY=VALUE", help="override for stage 2 only (repeatable)"
+    )
     ap.add_argument("--no-heldout", action="store_true", help="skip the held-out combination evaluation")
     ap.add_argument("--eval-limit", type=int, default=None, help="evaluate only the first N questions")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    ap.add_argument("--procs", type=int, default=min(2, os.cpu_count() or 1),
-                    help="train each stage as N local processes (torchrun, gloo), the global batch split over them; their "
-                         "threads: --threads (or torch's choice) divided by N (default: 2 where there are 2 cores or more; "
-                         "1 trains in this process)")
-    ap.add_argument("--curve", action="store_true", help="afterwards, evaluate every stage-2 checkpoint: accuracy against time")
-    ap.add_argument("--curve-limit", type=int, default=600, help="test questions per checkpoint for --curve (default 600)")
+    ap.add_argument(
+        "--procs",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help="train each stage as N local processes (torchrun, gloo), the global batch split over them; their "
+        "threads: --threads (or torch's choice) divided by N (default: 2 where there are 2 cores or more; "
+        "1 trains in this process)",
+    )
+    ap.add_argument(
+        "--curve", action="store_true", help="afterwards, evaluate every stage-2 checkpoint: accuracy against time"
+    )
+    ap.add_argument(
+        "--curve-limit", type=int, default=600, help="test questions per checkpoint for --curve (default 600)"
+    )
     ap.add_argument("--no-progress", action="store_true")
     args = add_config_args(ap).parse_args(argv)
     if args.threads: torch.set_num_threads(args.threads)
     base = from_json(args.config) if args.config else preset(args.preset)
-    if override(base, args.sets).data.world_images <= 0: ap.error("this config has no shapes world (data.world_images=0): the demo is tiny scale")
+    if override(base, args.sets).data.world_images <= 0:
+        ap.error("this config has no shapes world (data.world_images=0): the demo is tiny scale")
     if args.procs < 1: ap.error(f"--procs must be 1 or more, got {args.procs}")
-    res = demo(base, args.out, args.sets, {1: args.stage1, 2: args.stage2}, not args.no_heldout, args.eval_limit, not args.no_progress,
-               args.procs)
-    keys = ("vqa_accuracy", "blind_vqa_accuracy", "per_type", "heldout_vqa_accuracy", "n_questions", "seconds", "cpu_seconds", "phase_seconds")
+    res = demo(
+        base,
+        args.out,
+        args.sets,
+        {1: args.stage1, 2: args.stage2},
+        not args.no_heldout,
+        args.eval_limit,
+        not args.no_progress,
+        args.procs,
+    )
+    keys = (
+        "vqa_accuracy",
+        "blind_vqa_accuracy",
+        "per_type",
+        "heldout_vqa_accuracy",
+        "n_questions",
+        "seconds",
+        "cpu_seconds",
+        "phase_seconds",
+    )
     print(json.dumps({k: res[k] for k in keys}), flush=True)
     if args.curve:
         for row in accuracy_curve(args.out, args.curve_limit, not args.no_progress):
-            print(json.dumps({"curve": {k: row[k] for k in ("step", "seconds", "vqa_accuracy", "blind_vqa_accuracy", "per_type")}}))
+            print(
+                json.dumps(
+                    {
+                        "curve": {
+                            k: row[k] for k in ("step", "seconds", "vqa_accuracy", "blind_vqa_accuracy", "per_type")
+                        }
+                    }
+                )
+            )
     return 0

@@ -17,7 +17,7 @@ from .data import length_batches
 __all__ = ['Dist', 'init_distributed', 'close_distributed', 'all_reduce_sum', 'gather_objects', 'barrier', 'ResumableSampler',
            'make_loader', 'batches_per_epoch']
 
-# %% ../nbs/10_distributed.ipynb #f3b51ea1
+# %% ../nbs/10_distributed.ipynb #c9662fd5
 @dataclass
 class Dist:
     "Where this process stands in the job."
@@ -39,7 +39,11 @@ def init_distributed(device=None) -> Dist:
     local = int(os.environ.get("LOCAL_RANK", 0))
     want = torch.device(device) if device is not None else None
     cuda = torch.cuda.is_available() and (want is None or want.type == "cuda")
-    dev = torch.device("cuda", local if want is None or want.index is None else want.index) if cuda else torch.device("cpu")
+    dev = (
+        torch.device("cuda", local if want is None or want.index is None else want.index)
+        if cuda
+        else torch.device("cpu")
+    )
     owns = False
     if world > 1 and not tdist.is_initialized():
         if cuda: torch.cuda.set_device(dev)
@@ -68,34 +72,41 @@ def barrier(d: Dist):
     "Wait for every rank."
     if d.ddp: tdist.barrier()
 
-# %% ../nbs/10_distributed.ipynb #6500aed7
+# %% ../nbs/10_distributed.ipynb #3cb964f0
 class ResumableSampler(DistributedSampler):
     "A `DistributedSampler` that can start an epoch after `skip` of this rank's samples; given `lengths`, in batches of similar length."
+
     def __init__(self, ds, world: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0, drop_last: bool = True,
                  lengths=None, # a size per sample of `ds`: this rank's epoch is then cut into batches of similar size
                  batch_size: int = 1): # the loader's batch size (only with `lengths`)
         super().__init__(ds, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
-        if lengths is not None and len(lengths) != len(ds): raise ValueError(f"{len(lengths)} lengths for {len(ds)} samples")
+        if lengths is not None and len(lengths) != len(ds):
+            raise ValueError(f"{len(lengths)} lengths for {len(ds)} samples")
         self.skip, self.lengths, self.batch_size = 0, lengths, batch_size
 
     def set_epoch(self, epoch: int, skip: int = 0):
-        super().set_epoch(epoch); self.skip = skip
+        super().set_epoch(epoch)
+        self.skip = skip
 
     def indices(self) -> list[int]:
         "This rank's samples of the current epoch, in order (batches of similar length with `lengths`)."
         idx = list(super().__iter__())
         if self.lengths is None or not self.shuffle: return idx
-        full, rest = length_batches(idx, self.lengths, self.batch_size, torch.Generator().manual_seed(self.seed + self.epoch))
+        full, rest = length_batches(
+            idx, self.lengths, self.batch_size, torch.Generator().manual_seed(self.seed + self.epoch)
+        )
         return [i for b in full for i in b] + rest  # whole batches first, so the loader cuts exactly these
 
     def __iter__(self): return itertools.islice(self.indices(), self.skip, None)
     def __len__(self): return max(self.num_samples - self.skip, 0)
 
-# %% ../nbs/10_distributed.ipynb #26edccb9
+# %% ../nbs/10_distributed.ipynb #6a80dd5d
 def make_loader(ds, batch_size: int, d: Dist, seed: int = 0, shuffle: bool = True, drop_last: bool = True,
                 collate_fn=None, num_workers: int = 0, lengths=None) -> DataLoader:
     "A `DataLoader` over this rank's share of `ds` (a `ResumableSampler`, by length if `lengths`), with its own seeded generator."
-    sampler = ResumableSampler(ds, d.world, d.rank, shuffle=shuffle, seed=seed, drop_last=drop_last, lengths=lengths, batch_size=batch_size)
+    sampler = ResumableSampler(
+        ds, d.world, d.rank, shuffle=shuffle, seed=seed, drop_last=drop_last, lengths=lengths, batch_size=batch_size
+    )
     return DataLoader(ds, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn, drop_last=drop_last,
                       num_workers=num_workers, pin_memory=d.device.type == "cuda",
                       generator=torch.Generator().manual_seed(seed))

@@ -18,15 +18,23 @@ from .world import world_paths
 # %% auto #0
 __all__ = ['eval_files', 'evaluate', 'eval_main']
 
-# %% ../nbs/20_evaluate.ipynb #ebea0a20
+# %% ../nbs/20_evaluate.ipynb #3c2529c5
 def _layouts(split: str, cs: str) -> dict:
     "Relative paths of the evaluation files of each known layout (`image_name` formats an image id)."
     return {
-        "shapes world": {**{k: world_paths(split)[k] for k in ("questions", "annotations", "images", "image_name")},
-                         "captions": world_paths(cs)["captions"], "caption_images": f"images/{cs}"},
-        "VQAv2/COCO": dict(questions=f"vqa/v2_OpenEnded_mscoco_{split}_questions.json", annotations=f"vqa/v2_mscoco_{split}_annotations.json",
-                           images="coco", image_name=f"{split}/COCO_{split}_{{image_id:012d}}.jpg", captions=f"coco/captions_{cs}.json",
-                           caption_images=f"coco/{cs}"),
+        "shapes world": {
+            **{k: world_paths(split)[k] for k in ("questions", "annotations", "images", "image_name")},
+            "captions": world_paths(cs)["captions"],
+            "caption_images": f"images/{cs}",
+        },
+        "VQAv2/COCO": dict(
+            questions=f"vqa/v2_OpenEnded_mscoco_{split}_questions.json",
+            annotations=f"vqa/v2_mscoco_{split}_annotations.json",
+            images="coco",
+            image_name=f"{split}/COCO_{split}_{{image_id:012d}}.jpg",
+            captions=f"coco/captions_{cs}.json",
+            caption_images=f"coco/{cs}",
+        ),
     }
 
 def eval_files(root, # the data folder (`data.root`)
@@ -37,14 +45,19 @@ def eval_files(root, # the data folder (`data.root`)
     root, layouts = Path(root), _layouts(split, caption_split or split)
     for name, lay in layouts.items():
         if (root / lay["questions"]).is_file():
-            return dict(layout=name, image_name=lay["image_name"], **{k: root / v for k, v in lay.items() if k != "image_name"})
+            return dict(
+                layout=name, image_name=lay["image_name"], **{k: root / v for k, v in lay.items() if k != "image_name"}
+            )
     raise FileNotFoundError(f"no VQAv2 questions for split {split!r} under {root}: looked for "
                             + " and ".join(str(root / l["questions"]) for l in layouts.values()))
 
-# %% ../nbs/20_evaluate.ipynb #88ae4c33
+# %% ../nbs/20_evaluate.ipynb #b58d87f7
 def _slim(r: dict) -> dict:
     "The headline numbers of an evaluator result (no per-question lists)."
-    return {k: v for k, v in r.items() if k not in ("results", "evalQA", "counts")} | ({"n": r["counts"]["overall"]} if "counts" in r else {})
+    return {k: v for k, v in r.items() if k not in ("results", "evalQA", "counts")} | (
+        {"n": r["counts"]["overall"]} if "counts" in r else {}
+    )
+
 
 def evaluate(assistant: Assistant, files: dict, # from `eval_files`
              controls=("none",), # any of `anymal.metrics.CONTROLS`
@@ -56,40 +69,88 @@ def evaluate(assistant: Assistant, files: dict, # from `eval_files`
     "VQA accuracy (and caption metrics) of `assistant` under each control; the summary, also written to `out`."
     out, d, t0 = None if out is None else Path(out), assistant.cfg.data, time.time()
     path = lambda kind, c: None if out is None else out.with_name(f"{out.stem}_{kind}_{c}.json")
-    qs, anns = (json.loads(Path(files[k]).read_text()) for k in ("questions", "annotations"))  # read once for all controls
+    qs, anns = (
+        json.loads(Path(files[k]).read_text()) for k in ("questions", "annotations")
+    )  # read once for all controls
     name = lambda i: files["image_name"].format(image_id=i)
-    vqa = {c: evaluate_vqa(make_answer_fn(assistant, batch_size, max_new_tokens), qs, anns, files["images"], path("vqa", c),
-                           batch_size, c, limit, name, d.vqa_prompt, seed) for c in controls}
+    vqa = {
+        c: evaluate_vqa(
+            make_answer_fn(assistant, batch_size, max_new_tokens),
+            qs,
+            anns,
+            files["images"],
+            path("vqa", c),
+            batch_size,
+            c,
+            limit,
+            name,
+            d.vqa_prompt,
+            seed,
+        )
+        for c in controls
+    }
     caps = {}
     if captions:
-        if not Path(files["captions"]).is_file(): raise FileNotFoundError(f"no captions file {files['captions']} (see --caption-split)")
-        caps = {c: evaluate_captions(make_caption_fn(assistant, batch_size, caption_tokens), files["captions"], files["caption_images"],
-                                     path("captions", c), batch_size, c, limit, prompt=d.stage1_prompt, seed=seed, spice=spice)
-                for c in controls}
+        if not Path(files["captions"]).is_file():
+            raise FileNotFoundError(f"no captions file {files['captions']} (see --caption-split)")
+        caps = {
+            c: evaluate_captions(
+                make_caption_fn(assistant, batch_size, caption_tokens),
+                files["captions"],
+                files["caption_images"],
+                path("captions", c),
+                batch_size,
+                c,
+                limit,
+                prompt=d.stage1_prompt,
+                seed=seed,
+                spice=spice,
+            )
+            for c in controls
+        }
     summary = dict(checkpoint=None if assistant.path is None else str(assistant.path), step=assistant.meta.get("step"),
                    stage=assistant.meta.get("stage"), layout=files.get("layout"), questions=str(files["questions"]),
                    vqa={c: _slim(r) for c, r in vqa.items()}, captions={c: _slim(r) for c, r in caps.items()},
                    seconds=round(time.time() - t0, 1))
-    if out is not None: out.parent.mkdir(parents=True, exist_ok=True); out.write_text(json.dumps(summary, indent=1))
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(summary, indent=1))
     return dict(summary, vqa_results=vqa, caption_results=caps)
 
-# %% ../nbs/20_evaluate.ipynb #d077adde
+# %% ../nbs/20_evaluate.ipynb #93359417
 def _eval_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="anymal eval", description="VQAv2 accuracy (with no-image controls) and caption metrics of a checkpoint.")
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder, or run folder (its final/, else its latest checkpoint)")
+    p = argparse.ArgumentParser(
+        prog="anymal eval", description="VQAv2 accuracy (with no-image controls) and caption metrics of a checkpoint."
+    )
+    p.add_argument(
+        "--checkpoint", required=True, help="checkpoint folder, or run folder (its final/, else its latest checkpoint)"
+    )
     p.add_argument("--data", default=None, help="data folder (default: the checkpoint's data.root)")
     p.add_argument("--split", default="test", help="VQA split: test (world) or val2014 (VQAv2)")
     p.add_argument("--caption-split", default=None, help="captions split (default: --split)")
-    p.add_argument("--control", nargs="+", action="extend", choices=CONTROLS, default=None, help="controls to run (default: none)")
-    p.add_argument("--captions", action="store_true", help="also caption the images and score with pycocoevalcap (needs Java)")
+    p.add_argument(
+        "--control", nargs="+", action="extend", choices=CONTROLS, default=None, help="controls to run (default: none)"
+    )
+    p.add_argument(
+        "--captions", action="store_true", help="also caption the images and score with pycocoevalcap (needs Java)"
+    )
     p.add_argument("--limit", type=int, default=None, help="only the first N questions (and N images for captions)")
-    p.add_argument("--out", default=None, help="summary JSON (default: <checkpoint>/eval/<split>.json); results files beside it")
+    p.add_argument(
+        "--out", default=None, help="summary JSON (default: <checkpoint>/eval/<split>.json); results files beside it"
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=16, help="VQA answer length limit")
     p.add_argument("--caption-tokens", type=int, default=48, help="caption length limit")
     p.add_argument("--seed", type=int, default=0, help="for the shuffled control")
     p.add_argument("--device", default=None, help="default: the GPU if there is one")
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="override a field of the checkpoint's config")
+    p.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field of the checkpoint's config",
+    )
     return p
 
 def eval_main(argv: list[str] | None = None) -> int:
@@ -99,11 +160,23 @@ def eval_main(argv: list[str] | None = None) -> int:
     try:
         ckpt = resolve_checkpoint(a.checkpoint)
         files = eval_files(a.data or read_meta(ckpt)["config"]["data"]["root"], a.split, a.caption_split)
-        if a.captions and shutil.which("java") is None: raise FileNotFoundError("--captions needs Java (e.g. apt-get install default-jre-headless)")
+        if a.captions and shutil.which("java") is None:
+            raise FileNotFoundError("--captions needs Java (e.g. apt-get install default-jre-headless)")
         out = Path(a.out) if a.out else ckpt / "eval" / f"{a.split}.json"
         asst = Assistant.from_checkpoint(ckpt, a.device, a.sets)
         with contextlib.redirect_stdout(sys.stderr):  # pycocoevalcap prints; stdout is for the summary
-            r = evaluate(asst, files, controls, a.captions, a.limit, out, a.batch_size, a.max_new_tokens, a.caption_tokens, a.seed)
+            r = evaluate(
+                asst,
+                files,
+                controls,
+                a.captions,
+                a.limit,
+                out,
+                a.batch_size,
+                a.max_new_tokens,
+                a.caption_tokens,
+                a.seed,
+            )
     except (FileNotFoundError, InputError, ConfigError, CheckpointMismatch, ValueError) as e:
         print(f"anymal eval: error: {e}", file=sys.stderr)
         return 1

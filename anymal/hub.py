@@ -13,8 +13,10 @@ from huggingface_hub.constants import HF_HUB_CACHE
 # %% auto #0
 __all__ = ['require_files', 'resolve_llm_path']
 
-# %% ../nbs/01_hub.ipynb #a365f615
-def _llm_missing(path: str, why: str = "", cache_dir: str | None = None, what: str = "LLM checkpoint") -> FileNotFoundError:
+# %% ../nbs/01_hub.ipynb #57ae4d0e
+def _llm_missing(
+    path: str, why: str = "", cache_dir: str | None = None, what: str = "LLM checkpoint"
+) -> FileNotFoundError:
     hub = "/" in path and not path.startswith(("/", ".", "~")) and not Path(path).expanduser().exists()
     fix = (f"It is not in the local HF cache ({cache_dir or HF_HUB_CACHE}); anymal never downloads. "
             f"If it is gated (Meta's LLaMA is), accept its license on https://huggingface.co/{path}, log in "

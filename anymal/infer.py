@@ -23,7 +23,7 @@ from .trainer import autocast_for
 __all__ = ['HELP', 'InputError', 'ImageError', 'open_image', 'user_message', 'ContextFull', 'Assistant', 'Chat', 'make_answer_fn',
            'make_caption_fn', 'chat_main']
 
-# %% ../nbs/19_infer.ipynb #ef470f14
+# %% ../nbs/19_infer.ipynb #75b8fa70
 class InputError(ValueError):
     "Something the user gave (an image, a prompt) that cannot be used; the message says what and which."
 
@@ -44,7 +44,10 @@ def user_message(prompt: str, # the user's text, without markers
                  n_images: int = 0, # images that come with this turn
                 ) -> dict:
     "A user turn in LLaVA's layout: one `<image>` marker per image, each on its own line, then the text."
-    if IMAGE_MARKER in prompt: raise InputError(f"the prompt contains {IMAGE_MARKER!r}: pass the images instead, the markers are added for you")
+    if IMAGE_MARKER in prompt:
+        raise InputError(
+            f"the prompt contains {IMAGE_MARKER!r}: pass the images instead, the markers are added for you"
+        )
     return dict(role="user", content=f"{IMAGE_MARKER}\n" * n_images + prompt)
 
 # %% ../nbs/19_infer.ipynb #974693e3
@@ -77,7 +80,7 @@ class Assistant:
         a.meta, a.path = inf.meta, path
         return a
 
-# %% ../nbs/19_infer.ipynb #97774d53
+# %% ../nbs/19_infer.ipynb #205fe1b1
 @patch
 def encode(self: Assistant, messages: list[dict], # [{role, content}] with one `<image>` marker per image
            images: list, # PIL images or paths, in marker order
@@ -88,12 +91,14 @@ def encode(self: Assistant, messages: list[dict], # [{role, content}] with one `
         raise ValueError(f"{name}: {enc['n_images']} {IMAGE_MARKER} markers but {len(images)} images")
     n, limit = len(enc["input_ids"]), self.cfg.llm.max_positions
     if n + max_new_tokens > limit:
-        raise ContextFull(f"{name}: {n} prompt tokens + {max_new_tokens} to generate exceed the model's {limit} positions")
+        raise ContextFull(
+            f"{name}: {n} prompt tokens + {max_new_tokens} to generate exceed the model's {limit} positions"
+        )
     pix = torch.stack([self.transform(open_image(im)) for im in images]) if images else None  # (n, 3, H, W)
     return dict(input_ids=torch.tensor(enc["input_ids"]), labels=torch.tensor(enc["labels"]), n_images=len(images),
                 pixels=pix, image_keys=[name] * len(images), sample_id=name)
 
-# %% ../nbs/19_infer.ipynb #ca3c4d95
+# %% ../nbs/19_infer.ipynb #f4ff4c5b
 @patch
 def generate(self: Assistant, conversations: list[list[dict]], # one message list per row
              images: list[list], # the images of each row
@@ -103,7 +108,8 @@ def generate(self: Assistant, conversations: list[list[dict]], # one message lis
              seed: int | None = 0, # sampling seed (None: torch's global generator)
             ) -> list[str]:
     "The reply to each conversation, decoded without special tokens, as one left-padded batch."
-    if len(conversations) != len(images): raise ValueError(f"{len(conversations)} conversations but {len(images)} image lists")
+    if len(conversations) != len(images):
+        raise ValueError(f"{len(conversations)} conversations but {len(images)} image lists")
     if not conversations: return []
     mnt, dev = max_new_tokens or self.max_new_tokens, self.device
     b = collate([self.encode(m, im, mnt, f"prompt {i}") for i, (m, im) in enumerate(zip(conversations, images))],
@@ -116,7 +122,7 @@ def generate(self: Assistant, conversations: list[list[dict]], # one message lis
                                   sample_ids=b["sample_ids"])
     return [self.tok.decode(ids, skip_special_tokens=True).strip() for ids in out]
 
-# %% ../nbs/19_infer.ipynb #18b2f7d3
+# %% ../nbs/19_infer.ipynb #6985ffdc
 @patch
 def answer_batch(self: Assistant, images_per_prompt: list[list], # images of each prompt ([] for none)
                  prompts: list[str],
@@ -124,7 +130,8 @@ def answer_batch(self: Assistant, images_per_prompt: list[list], # images of eac
                  system: str | None = None, # an optional system message before each prompt
                  **gen) -> list[str]:
     "One-turn answers to `prompts`, each about its own images, `batch_size` at a time (`gen`: see `generate`)."
-    if len(images_per_prompt) != len(prompts): raise ValueError(f"{len(prompts)} prompts but {len(images_per_prompt)} image lists")
+    if len(images_per_prompt) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(images_per_prompt)} image lists")
     sys_msg = [dict(role="system", content=system)] if system else []
     convs = [sys_msg + [user_message(p, len(ims))] for p, ims in zip(prompts, images_per_prompt)]
     bs, out = batch_size or max(len(prompts), 1), []
@@ -178,7 +185,7 @@ def make_caption_fn(assistant: Assistant, batch_size: int = 16, max_new_tokens: 
     "`caption_fn(images, prompts) -> list[str]` for `anymal.metrics.evaluate_captions`."
     return make_answer_fn(assistant, batch_size, max_new_tokens, **gen)
 
-# %% ../nbs/19_infer.ipynb #038d3f7f
+# %% ../nbs/19_infer.ipynb #7e4c3a33
 @patch
 @torch.no_grad()
 def attention(self: Assistant, image, # PIL image or path
@@ -189,9 +196,11 @@ def attention(self: Assistant, image, # PIL image or path
     im, v = open_image(image), self.cfg.vision
     pix = self.transform(im)[None].to(self.device)  # (1, 3, H, W)
     _, attn = self.model.bridge(self.model.encoder(pix), return_attn=True)  # (1, layers, heads, L, 1+P)
-    return plot_attention(ImageOps.fit(im, (v.image_size, v.image_size)), attn[0], v.image_size // v.patch_size, has_cls=True, **kw)
+    return plot_attention(
+        ImageOps.fit(im, (v.image_size, v.image_size)), attn[0], v.image_size // v.patch_size, has_cls=True, **kw
+    )
 
-# %% ../nbs/19_infer.ipynb #d3b09368
+# %% ../nbs/19_infer.ipynb #87c92b2a
 HELP = "commands: /image PATH (attach an image to your next question), /reset (start over), /quit (or Ctrl-D)"
 
 def _repl(chat: Chat, out=None) -> int:
@@ -203,13 +212,19 @@ def _repl(chat: Chat, out=None) -> int:
     print(HELP, file=out, flush=True)
     while True:
         try: line = input(">>> ").strip()
-        except (EOFError, KeyboardInterrupt): print(file=out); return 0
+        except (EOFError, KeyboardInterrupt):
+            print(file=out)
+            return 0
         if not line: continue
         cmd, _, arg = line.partition(" ")
         try:
             if cmd in ("/quit", "/exit"): return 0
-            elif cmd == "/reset": chat.reset(); print("(conversation cleared)", file=out)
-            elif cmd == "/image": chat.attach(arg.strip()); print(f"(image {arg.strip()} attached to your next question)", file=out)
+            elif cmd == "/reset":
+                chat.reset()
+                print("(conversation cleared)", file=out)
+            elif cmd == "/image":
+                chat.attach(arg.strip())
+                print(f"(image {arg.strip()} attached to your next question)", file=out)
             elif cmd in ("/help", "/?"): print(HELP, file=out)
             elif cmd.startswith("/"): print(f"unknown command {cmd}; {HELP}", file=out)
             else: print(chat.send(line), file=out)
@@ -217,15 +232,24 @@ def _repl(chat: Chat, out=None) -> int:
         except KeyboardInterrupt: print("(interrupted)", file=out)  # Ctrl-C stops an answer, not the chat
         out.flush()
 
-# %% ../nbs/19_infer.ipynb #107af342
+# %% ../nbs/19_infer.ipynb #567415c7
 def _chat_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="anymal chat", description="Ask a trained AnyMAL about images (interactive, or one --prompt).")
-    p.add_argument("--checkpoint", required=True, help="checkpoint folder, or run folder (its final/, else its latest checkpoint)")
-    p.add_argument("--image", action="append", default=[], metavar="PATH", help="an image for the first question (repeatable)")
+    p = argparse.ArgumentParser(
+        prog="anymal chat", description="Ask a trained AnyMAL about images (interactive, or one --prompt)."
+    )
+    p.add_argument(
+        "--checkpoint", required=True, help="checkpoint folder, or run folder (its final/, else its latest checkpoint)"
+    )
+    p.add_argument(
+        "--image", action="append", default=[], metavar="PATH", help="an image for the first question (repeatable)"
+    )
     p.add_argument("--prompt", default=None, help="ask this, print the answer and exit (default: interactive)")
     p.add_argument("--system", default=None, help="a system message")
-    p.add_argument("--short", action="store_true",
-                   help="append the checkpoint's short-answer instruction (data.vqa_prompt) to every question, as in VQA")
+    p.add_argument(
+        "--short",
+        action="store_true",
+        help="append the checkpoint's short-answer instruction (data.vqa_prompt) to every question, as in VQA",
+    )
     p.add_argument("--max-new-tokens", type=int, default=128, help="answer length limit (tokens)")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; >0: sampling")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
@@ -242,10 +266,24 @@ def chat_main(argv: list[str] | None = None) -> int:
         images = [open_image(p) for p in a.image]  # fail before the slow model load
         asst = Assistant.from_checkpoint(a.checkpoint, a.device, a.sets)
         m = asst.meta
-        print(f"loaded {a.checkpoint} (stage {m.get('stage', '?')}, step {m.get('step', '?')}) on {asst.device}", file=sys.stderr)
+        print(
+            f"loaded {a.checkpoint} (stage {m.get('stage', '?')}, step {m.get('step', '?')}) on {asst.device}",
+            file=sys.stderr,
+        )
         suffix = "\n" + asst.cfg.data.vqa_prompt if a.short else ""
-        chat = Chat(asst, images, a.system, suffix, max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p, seed=a.seed)
-        if a.prompt is not None: print(chat.send(a.prompt), flush=True); return 0
+        chat = Chat(
+            asst,
+            images,
+            a.system,
+            suffix,
+            max_new_tokens=a.max_new_tokens,
+            temperature=a.temperature,
+            top_p=a.top_p,
+            seed=a.seed,
+        )
+        if a.prompt is not None:
+            print(chat.send(a.prompt), flush=True)
+            return 0
         return _repl(chat)
     except (FileNotFoundError, InputError, BadRecord, ConfigError, CheckpointMismatch) as e:
         print(f"anymal chat: error: {e}", file=sys.stderr)

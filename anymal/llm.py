@@ -33,7 +33,7 @@ def llama_config(lcfg: LLMConfig) -> LlamaConfig:
                        intermediate_size=lcfg.intermediate, max_position_embeddings=lcfg.max_positions,
                        rope_theta=lcfg.rope_theta, rms_norm_eps=lcfg.rms_eps, tie_word_embeddings=False)
 
-# %% ../nbs/05_llm.ipynb #26a7338e
+# %% ../nbs/05_llm.ipynb #e60b3ae0
 def bnb_config(lcfg: LLMConfig) -> BitsAndBytesConfig | None:
     "The QLoRA quantization `lcfg.quant` asks for (None: no quantization)."
     if lcfg.quant == "none": return None
@@ -44,7 +44,10 @@ def bnb_config(lcfg: LLMConfig) -> BitsAndBytesConfig | None:
 def random_llm(lcfg: LLMConfig, device: str | torch.device = "cpu") -> nn.Module:
     "A randomly initialised `LlamaForCausalLM` of the shape in `lcfg`, in `lcfg.dtype`, unquantized."
     with torch.device(device):
-        return AutoModelForCausalLM.from_config(llama_config(lcfg), dtype=llm_dtype(lcfg), attn_implementation=lcfg.attn)
+        return AutoModelForCausalLM.from_config(
+            llama_config(lcfg), dtype=llm_dtype(lcfg), attn_implementation=lcfg.attn
+        )
+
 
 def load_llm(lcfg: LLMConfig, # `path` names the checkpoint; `quant`, `dtype`, `attn` say how to load it
              device: str | torch.device = "cpu", # where the weights go (NF4 is quantized on the way there)
@@ -57,12 +60,14 @@ def load_llm(lcfg: LLMConfig, # `path` names the checkpoint; `quant`, `dtype`, `
         with tempfile.TemporaryDirectory(prefix="anymal-random-llm-") as d:
             random_llm(lcfg, "cuda" if torch.device(device).type == "cuda" else "cpu").save_pretrained(d)
             return load_llm(LLMConfig(**{**vars(lcfg), "path": d}), device)
-    folder = require_files(resolve_llm_path(lcfg.path, cache_dir), lcfg.path, ["config.json"], ["*.safetensors", "*.bin"])
+    folder = require_files(
+        resolve_llm_path(lcfg.path, cache_dir), lcfg.path, ["config.json"], ["*.safetensors", "*.bin"]
+    )
     return AutoModelForCausalLM.from_pretrained(folder, dtype=llm_dtype(lcfg), quantization_config=q,
                                                 attn_implementation=lcfg.attn, device_map={"": torch.device(device)},
                                                 local_files_only=True)
 
-# %% ../nbs/05_llm.ipynb #8bde2878
+# %% ../nbs/05_llm.ipynb #1daac265
 def add_lora(model: nn.Module, lora: LoRAConfig) -> PeftModel:
     "Attach trainable LoRA adapters (peft) to the linear layers `lora.targets` names; the rest stays frozen."
     targets = lora.targets if lora.targets == "all-linear" else [t.strip() for t in lora.targets.split(",")]
@@ -77,7 +82,8 @@ def build_llm(cfg: Config, # uses `cfg.llm` and, for stage 2, `cfg.lora`
     "The frozen LLM of `cfg` (LoRA attached for stage 2), with SDPA and, if configured, gradient checkpointing."
     if stage not in (1, 2): raise ConfigError(f"stage must be 1 or 2, got {stage!r}")
     model = load_llm(cfg.llm, device, cache_dir).requires_grad_(False)
-    if cfg.llm.grad_ckpt: model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.llm.grad_ckpt:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return add_lora(model, cfg.lora) if stage == 2 else model
 
 def llm_parts(llm: nn.Module) -> tuple:

@@ -83,7 +83,7 @@ def vqa_score(prediction: str, # the model's answer
     k = sum(hits)
     return sum(min(1, (k - h) / 3) for h in hits) / len(gts)  # annotator i left out: k - hits[i] matches remain
 
-# %% ../nbs/17_metrics.ipynb #5d0a0b95
+# %% ../nbs/17_metrics.ipynb #89f1ff29
 def _load_json(obj, what: str):
     "`obj` itself, or the JSON in the file it names."
     if not isinstance(obj, (str, Path)): return obj
@@ -91,7 +91,8 @@ def _load_json(obj, what: str):
     return json.loads(Path(obj).read_text())
 
 def _records(d, key: str, what: str) -> list:
-    if not isinstance(d, dict) or not isinstance(d.get(key), list): raise KeyError(f"{what}: expected a JSON object with a {key!r} list")
+    if not isinstance(d, dict) or not isinstance(d.get(key), list):
+        raise KeyError(f"{what}: expected a JSON object with a {key!r} list")
     return d[key]
 
 def _need(rec: dict, keys, what: str):
@@ -106,20 +107,25 @@ def _results_by_question(results, known: dict, questions: set | None) -> dict:
         qid, ans = _need(r if isinstance(r, dict) else {}, ("question_id", "answer"), f"result #{i}")
         if qid in out: raise ValueError(f"question_id {qid} has more than one result")
         if qid not in known or (questions is not None and qid not in questions):
-            raise KeyError(f"result #{i}: question_id {qid} is not in the {'annotations' if qid not in known else 'questions'}")
-        if not isinstance(ans, str): raise TypeError(f"result for question_id {qid}: answer must be a string, got {ans!r}")
+            raise KeyError(
+                f"result #{i}: question_id {qid} is not in the {'annotations' if qid not in known else 'questions'}"
+            )
+        if not isinstance(ans, str):
+            raise TypeError(f"result for question_id {qid}: answer must be a string, got {ans!r}")
         out[qid] = ans
     if not out: raise ValueError("no results to score")
     return out
 
-# %% ../nbs/17_metrics.ipynb #dc8082c2
+# %% ../nbs/17_metrics.ipynb #5084a4c7
 def vqa_accuracy(results, # list of {"question_id", "answer"}, or the path of such a JSON file
                  questions_json, # VQAv2 questions (dict or path), used to check ids; None to skip
                  annotations_json, # VQAv2 annotations (dict or path)
                  n: int = 2, # digits to round percentages to (official: 2)
                 ) -> dict:
     "Official-style accuracy: overall, perQuestionType, perAnswerType (percent), with counts and per-question scores."
-    anns = {a["question_id"]: a for a in _records(_load_json(annotations_json, "annotations"), "annotations", "annotations")}
+    anns = {
+        a["question_id"]: a for a in _records(_load_json(annotations_json, "annotations"), "annotations", "annotations")
+    }
     qids = None if questions_json is None else {
         q["question_id"] for q in _records(_load_json(questions_json, "questions"), "questions", "questions")}
     res = _results_by_question(_load_json(results, "results"), anns, qids)
@@ -128,7 +134,8 @@ def vqa_accuracy(results, # list of {"question_id", "answer"}, or the path of su
         if qid not in res: continue
         gts, qt, at = _need(a, ("answers", "question_type", "answer_type"), f"annotation of question_id {qid}")
         scores[qid] = s = vqa_score(res[qid], [g["answer"] for g in gts])
-        by_q[qt].append(s); by_a[at].append(s)
+        by_q[qt].append(s)
+        by_a[at].append(s)
     pct = lambda xs: round(100 * sum(xs) / len(xs), n)
     return {"overall": pct(list(scores.values())),
             "perQuestionType": {k: pct(v) for k, v in by_q.items()},
@@ -157,7 +164,7 @@ def shuffle_images(image_ids, seed: int = 0) -> dict:
     random.Random(seed).shuffle(ids)
     return dict(zip(ids, ids[1:] + ids[:1]))  # a random order, then each takes its successor's image
 
-# %% ../nbs/17_metrics.ipynb #ce402d59
+# %% ../nbs/17_metrics.ipynb #d49dc608
 def _check_control(control):
     control = "none" if control is None else control
     if control not in CONTROLS: raise ValueError(f"unknown control {control!r}; choose one of {CONTROLS}")
@@ -176,22 +183,38 @@ def load_images(image_id, path_of: Callable, control: str = "none", swap: dict |
     with Image.open(path) as im:
         return [Image.new("RGB", im.size, (128, 128, 128)) if control == "blank" else im.convert("RGB")]
 
-def run_batches(fn: Callable, keys: list, loaders: list, prompts: list, batch_size: int = 16, desc: str = "eval") -> list[str]:
+def run_batches(
+    fn: Callable, keys: list, loaders: list, prompts: list, batch_size: int = 16, desc: str = "eval"
+) -> list[str]:
     "`fn(images, prompts)` over batches, with a progress bar; the outputs in order."
     outs, bar = [], tqdm(total=len(keys), desc=desc, unit="sample")
     for i in range(0, len(keys), batch_size):
         got = fn([load() for load in loaders[i:i + batch_size]], prompts[i:i + batch_size])
         want = len(prompts[i:i + batch_size])
         if not isinstance(got, (list, tuple)) or len(got) != want or not all(isinstance(g, str) for g in got):
-            raise ValueError(f"{desc}: the model function must return {want} strings for the batch starting at {keys[i]}, got {str(got)[:200]}")
-        outs += list(got); bar.update(want)
+            raise ValueError(
+                f"{desc}: the model function must return {want} strings for the batch starting at {keys[i]}, got {str(got)[:200]}"
+            )
+        outs += list(got)
+        bar.update(want)
     bar.close()
     return outs
 
-# %% ../nbs/17_metrics.ipynb #bdc0a3a8
+# %% ../nbs/17_metrics.ipynb #68ca82b7
 def _write_json(obj, path) -> Path:
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=1)); return path
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=1))
+    return path
+
+def _save(scores: dict, results: list, out_path) -> dict:
+    "`scores` with `results` attached; with `out_path`, the results there and the scores beside (`<stem>_metrics.json`)."
+    scores["results"] = results
+    if out_path is not None:
+        scores["results_file"] = str(_write_json(results, out_path))
+        metrics_path = Path(out_path).with_name(Path(out_path).stem + "_metrics.json")
+        _write_json({k: v for k, v in scores.items() if k != "results"}, metrics_path)
+    return scores
 
 def evaluate_vqa(answer_fn: Callable, # fn(images: list[list[PIL.Image]], prompts: list[str]) -> list[str]
                  questions_path, annotations_path, # VQAv2 questions / annotations JSON (paths or dicts)
@@ -207,20 +230,19 @@ def evaluate_vqa(answer_fn: Callable, # fn(images: list[list[PIL.Image]], prompt
     control, qfile = _check_control(control), _load_json(questions_path, "questions")
     qs = _records(qfile, "questions", "questions")[:limit]
     for q in qs: _need(q, ("question_id", "image_id", "question"), "question")
-    path_of = _path_fn(image_root, image_path_fn or partial(coco_image_path, subtype=qfile.get("data_subtype", "val2014")))
+    path_of = _path_fn(
+        image_root, image_path_fn or partial(coco_image_path, subtype=qfile.get("data_subtype", "val2014"))
+    )
     swap = shuffle_images([q["image_id"] for q in qs], seed) if control == "shuffled" else None
     answers = run_batches(answer_fn, [f"question_id {q['question_id']}" for q in qs],
                           [partial(load_images, q["image_id"], path_of, control, swap) for q in qs],
                           [vqa_prompt(q["question"], instruction) for q in qs], batch_size, f"VQA ({control})")
     results = [{"question_id": q["question_id"], "answer": a} for q, a in zip(qs, answers)]
     acc = vqa_accuracy(results, qfile, annotations_path)
-    acc.update(control=control, instruction=vqa_prompt("", instruction).lstrip("\n"), seed=seed, results=results)
-    if out_path is not None:
-        acc["results_file"] = str(_write_json(results, out_path))
-        _write_json({k: v for k, v in acc.items() if k != "results"}, Path(out_path).with_name(Path(out_path).stem + "_metrics.json"))
-    return acc
+    acc.update(control=control, instruction=vqa_prompt("", instruction).lstrip("\n"), seed=seed)
+    return _save(acc, results, out_path)
 
-# %% ../nbs/17_metrics.ipynb #edabc53a
+# %% ../nbs/17_metrics.ipynb #e1b03389
 def _spice_dir() -> Path:
     import pycocoevalcap.spice  # pycocoevalcap itself is a namespace package (no __file__)
     return Path(pycocoevalcap.spice.__file__).parent
@@ -235,22 +257,25 @@ def _caption_inputs(coco: dict, results) -> tuple[dict, dict]:
     "References and (checked) results as pycocoevalcap's {image_id: [{'caption': ...}]}."
     refs = defaultdict(list)
     for a in _records(coco, "annotations", "COCO captions"):
-        img, cap = _need(a, ("image_id", "caption"), "caption annotation"); refs[img].append({"caption": cap})
+        img, cap = _need(a, ("image_id", "caption"), "caption annotation")
+        refs[img].append({"caption": cap})
     res = {}
     for i, r in enumerate(results):
         img, cap = _need(r if isinstance(r, dict) else {}, ("image_id", "caption"), f"result #{i}")
         if img in res: raise ValueError(f"image_id {img} has more than one result caption")
         if img not in refs: raise KeyError(f"result #{i}: image_id {img} has no reference captions")
-        if not isinstance(cap, str): raise TypeError(f"result for image_id {img}: caption must be a string, got {cap!r}")
+        if not isinstance(cap, str):
+            raise TypeError(f"result for image_id {img}: caption must be a string, got {cap!r}")
         res[img] = [{"caption": cap}]
     if not res: raise ValueError("no results to score")
     return {k: refs[k] for k in res}, res
 
-# %% ../nbs/17_metrics.ipynb #a1411a98
-def caption_metrics(annotations, # COCO captions JSON (dict or path): {"images", "annotations": [{"image_id", "caption"}]}
-                    results, # [{"image_id", "caption"}] (list or path), one caption per image
-                    spice: bool | str = "auto", # True: require SPICE; False: skip; "auto": run it if its models are present
-                   ) -> dict:
+# %% ../nbs/17_metrics.ipynb #9ae952ab
+def caption_metrics(
+    annotations,  # COCO captions JSON (dict or path): {"images", "annotations": [{"image_id", "caption"}]}
+    results,  # [{"image_id", "caption"}] (list or path), one caption per image
+    spice: bool | str = "auto",  # True: require SPICE; False: skip; "auto": run it if its models are present
+) -> dict:
     "BLEU-1..4, METEOR, ROUGE-L, CIDEr (and SPICE) of `results` through pycocoevalcap."
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
     from pycocoevalcap.bleu.bleu import Bleu
@@ -258,23 +283,37 @@ def caption_metrics(annotations, # COCO captions JSON (dict or path): {"images",
     from pycocoevalcap.rouge.rouge import Rouge
     from pycocoevalcap.cider.cider import Cider
     if shutil.which("java") is None:
-        raise RuntimeError("caption metrics need Java (PTB tokenizer, METEOR): install a JRE, e.g. apt-get install default-jre-headless")
-    if spice is True and not spice_available(): raise RuntimeError(f"SPICE needs Java and the Stanford CoreNLP jars in {_spice_dir() / 'lib'}")
+        raise RuntimeError(
+            "caption metrics need Java (PTB tokenizer, METEOR): install a JRE, e.g. apt-get install default-jre-headless"
+        )
+    if spice is True and not spice_available():
+        raise RuntimeError(f"SPICE needs Java and the Stanford CoreNLP jars in {_spice_dir() / 'lib'}")
     gts, res = _caption_inputs(_load_json(annotations, "COCO captions"), _load_json(results, "results"))
     tok = PTBTokenizer()
     gts, res = tok.tokenize(gts), tok.tokenize(res)
-    scorers, notes = [(Bleu(4), ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"]), (Meteor(), "METEOR"), (Rouge(), "ROUGE_L"), (Cider(), "CIDEr")], []
+    scorers, notes = (
+        [
+            (Bleu(4), ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"]),
+            (Meteor(), "METEOR"),
+            (Rouge(), "ROUGE_L"),
+            (Cider(), "CIDEr"),
+        ],
+        [],
+    )
     if spice and spice_available():
         from pycocoevalcap.spice.spice import Spice
         scorers.append((Spice(), "SPICE"))
-    elif spice: notes.append(f"SPICE skipped: Stanford CoreNLP models not in {_spice_dir() / 'lib'} (pycocoevalcap would download them)")
+    elif spice:
+        notes.append(
+            f"SPICE skipped: Stanford CoreNLP models not in {_spice_dir() / 'lib'} (pycocoevalcap would download them)"
+        )
     out = {}
     for scorer, names in scorers:
         score, _ = scorer.compute_score(gts, res)
         for name, s in (zip(names, score) if isinstance(names, list) else [(names, score)]): out[name] = float(s)
     return {**out, "n_images": len(res), "notes": notes}
 
-# %% ../nbs/17_metrics.ipynb #ab1d1eec
+# %% ../nbs/17_metrics.ipynb #3c915611
 def evaluate_captions(caption_fn: Callable, # fn(images: list[list[PIL.Image]], prompts: list[str]) -> list[str]
                       coco_json, # COCO captions JSON (path or dict)
                       image_root, out_path=None, batch_size: int = 16, control: str | None = None,
@@ -288,12 +327,15 @@ def evaluate_captions(caption_fn: Callable, # fn(images: list[list[PIL.Image]], 
     path_of = _path_fn(image_root, image_path_fn or names.__getitem__)
     swap = shuffle_images(list(names), seed) if control == "shuffled" else None
     prompt = DataConfig().stage1_prompt if prompt is None else prompt
-    caps = run_batches(caption_fn, [f"image_id {i}" for i in names], [partial(load_images, i, path_of, control, swap) for i in names],
-                       [prompt] * len(names), batch_size, f"captions ({control})")
+    caps = run_batches(
+        caption_fn,
+        [f"image_id {i}" for i in names],
+        [partial(load_images, i, path_of, control, swap) for i in names],
+        [prompt] * len(names),
+        batch_size,
+        f"captions ({control})",
+    )
     results = [{"image_id": i, "caption": c} for i, c in zip(names, caps)]
     out = caption_metrics(coco, results, spice=spice)
-    out.update(control=control, prompt=prompt, seed=seed, results=results)
-    if out_path is not None:
-        out["results_file"] = str(_write_json(results, out_path))
-        _write_json({k: v for k, v in out.items() if k != "results"}, Path(out_path).with_name(Path(out_path).stem + "_metrics.json"))
-    return out
+    out.update(control=control, prompt=prompt, seed=seed)
+    return _save(out, results, out_path)

@@ -91,7 +91,7 @@ class AnyMAL(nn.Module):
     @property
     def embed_tokens(self): return llm_parts(self.llm)[2]
 
-# %% ../nbs/06_model.ipynb #5e7295fd
+# %% ../nbs/06_model.ipynb #42e8a93b
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     "Positions counting only real tokens: `(B, T)`, 0 on left padding."
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -120,12 +120,14 @@ def forward(self: AnyMAL, input_ids, attention_mask=None, labels=None, pixels=No
     "The chunked loss when `labels` are given (no logits kept), else the logits `(B, T, V)`."
     am = torch.ones_like(input_ids) if attention_mask is None else attention_mask
     emb = self.embed(input_ids, pixels, image_feats, n_images, sample_ids)
-    h = self.decoder(inputs_embeds=emb, attention_mask=am, position_ids=position_ids(am), use_cache=False).last_hidden_state
+    h = self.decoder(
+        inputs_embeds=emb, attention_mask=am, position_ids=position_ids(am), use_cache=False
+    ).last_hidden_state
     if labels is None: return AnyMALOutput(logits=self.lm_head(h))
     loss, n = (self.ce_fn or chunked_ce)(h, labels, self.lm_head, self.loss_chunk)
     return AnyMALOutput(loss=loss, n_targets=n)
 
-# %% ../nbs/06_model.ipynb #dce0ace2
+# %% ../nbs/06_model.ipynb #d6209018
 def is_lora(name: str) -> bool:
     "Whether a parameter (or state-dict key) belongs to a LoRA adapter: peft names them `lora_A`, `lora_B`, ..."
     return "lora_" in name
@@ -135,7 +137,8 @@ def set_stage(self: AnyMAL, stage: int):
     "Freeze everything, then unfreeze what `stage` trains (1: bridge; 2: bridge + LoRA)."
     lora = [p for n, p in self.llm.named_parameters() if is_lora(n)]
     if stage not in (1, 2): raise ValueError(f"stage must be 1 or 2, got {stage!r}")
-    if stage == 2 and not lora: raise ValueError("stage 2 trains LoRA adapters but this model has none: build it with stage=2")
+    if stage == 2 and not lora:
+        raise ValueError("stage 2 trains LoRA adapters but this model has none: build it with stage=2")
     self.requires_grad_(False)
     self.bridge.requires_grad_(True)
     for p in lora: p.requires_grad_(stage == 2)
@@ -147,7 +150,10 @@ def _some(keys: list) -> str: return f"{keys[:5]}{' ...' if len(keys) > 5 else '
 @patch
 def trainable_state_dict(self: AnyMAL) -> dict:
     "The tensors this stage trains (bridge; + LoRA in stage 2), detached, by their `state_dict` names."
-    return {n: p.detach() for n, p in self.named_parameters() if n.startswith("bridge.") or (self.stage == 2 and is_lora(n))}
+    return {
+        n: p.detach() for n, p in self.named_parameters() if n.startswith("bridge.") or (self.stage == 2 and is_lora(n))
+    }
+
 
 @patch
 def load_trainable_state_dict(self: AnyMAL, sd: dict, strict: bool = True):
@@ -163,7 +169,7 @@ def load_trainable_state_dict(self: AnyMAL, sd: dict, strict: bool = True):
         for k, v in sd.items(): params[k].copy_(v)
     return self
 
-# %% ../nbs/06_model.ipynb #a0d508a1
+# %% ../nbs/06_model.ipynb #7fe79522
 def token_ids(tokenizer) -> dict:
     "`image_token_id`, `pad_id` and `eos_id` (a list: end of text and end of turn) from a tokenizer."
     try: from anymal.tokenizer import IMAGE_TOKEN
@@ -180,13 +186,18 @@ def token_ids(tokenizer) -> dict:
 def build(cls: AnyMAL, cfg: Config, tokenizer=None, stage: int = 1, device="cpu", encoder: bool = True,
           image_token_id: int | None = None, pad_id: int | None = None, eos_id=None) -> AnyMAL:
     "Everything from `cfg` (random or local weights, never downloaded), frozen for `stage`."
-    ids = token_ids(tokenizer) if tokenizer is not None else dict(image_token_id=image_token_id, pad_id=pad_id, eos_id=eos_id)
-    if any(v is None for v in ids.values()): raise ValueError(f"without a tokenizer pass all of {sorted(ids)}; got {ids}")
+    ids = (
+        token_ids(tokenizer)
+        if tokenizer is not None
+        else dict(image_token_id=image_token_id, pad_id=pad_id, eos_id=eos_id)
+    )
+    if any(v is None for v in ids.values()):
+        raise ValueError(f"without a tokenizer pass all of {sorted(ids)}; got {ids}")
     enc = ImageEncoder(cfg.vision).to(device) if encoder else None
     model = cls(cfg, enc, build_bridge(cfg).to(device), build_llm(cfg, stage, device), **ids)
     return model.set_stage(stage)
 
-# %% ../nbs/06_model.ipynb #25585bd6
+# %% ../nbs/06_model.ipynb #d0e9a3b2
 def sample_next(logits: torch.Tensor, # (B, V)
                 temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
     "Next ids `(B,)`: argmax at temperature 0, else a sample from the smallest set of mass >= `top_p`."
@@ -219,7 +230,8 @@ def generate(self: AnyMAL, input_ids, attention_mask=None, pixels=None, image_fe
             pos = position_ids(am)[:, -x.shape[1]:]
             h = self.decoder(inputs_embeds=x, attention_mask=am, position_ids=pos, cache=cache, use_cache=use_cache)
             nxt = sample_next(self.lm_head(h.last_hidden_state[:, -1]), temperature, top_p, generator)
-            new.append(nxt.masked_fill(done, self.pad_id)); done |= torch.isin(nxt, eos)
+            new.append(nxt.masked_fill(done, self.pad_id))
+            done |= torch.isin(nxt, eos)
             if done.all(): break
             e = self.embed_tokens(new[-1])[:, None]  # (B, 1, D)
             x = e if use_cache else torch.cat([x, e], 1)

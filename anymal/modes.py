@@ -21,21 +21,24 @@ __all__ = ['MODES', 'OPTIMIZERS', 'PATCHED_AGAINST', 'LORA_LAYER_ATTRS', 'ModeSe
            'check_patched_libraries', 'liger_missing', 'liger_ce', 'liger_patch', 'compile_blocks', 'apply_mode',
            'pack_samples']
 
-# %% ../nbs/12_modes.ipynb #748404dc
+# %% ../nbs/12_modes.ipynb #2e9a1bbc
 @dataclass(frozen=True)
 class ModeSettings:
     "What one `train.mode` changes; `None` leaves the model as built."
-    ckpt: float | str | None = None   # fraction of decoder layers checkpointed (1.0 all, 0.0 none) or "auto" (by memory)
+
+    ckpt: float | str | None = None  # fraction of decoder layers checkpointed (1.0 all, 0.0 none) or "auto" (by memory)
     reentrant: bool = False           # reentrant checkpointing (what peft's prepare_model_for_kbit_training picks)
     offload: bool = False             # keep the checkpointed layer inputs in pinned host memory
     loss_chunk: int | None = None     # rows of logits alive at once in the loss
     lora_dropout: float | None = None # 0 removes the dropout modules (and the copy of the input each one makes)
-    lora_fused: bool = False          # LoRA's update added inside its second product (no clone, scale or add passes)
-    dequant_once: bool = False        # replace the frozen NF4 layers by bf16 ones holding the same values (+10 GB at 8B)
+    lora_fused: bool = False  # LoRA's update added inside its second product (no clone, scale or add passes)
+    dequant_once: bool = False  # replace the frozen NF4 layers by bf16 ones holding the same values (+10 GB at 8B)
     optim: str = "adamw"              # "adamw", "adamw_fused", "adamw8bit" or "paged_adamw8bit"
     encoder_bf16: bool = False        # cast the frozen CLIP to bf16 (CUDA only: CPU runs have no autocast)
-    embed_offload: bool = False       # keep the frozen input embeddings in host memory (CUDA only)
-    kernels: str | None = None        # "liger": Liger-Kernel's RMSNorm, SwiGLU, RoPE and fused linear cross-entropy (CUDA only)
+    embed_offload: bool = False  # keep the frozen input embeddings in host memory (CUDA only)
+    kernels: str | None = (
+        None  # "liger": Liger-Kernel's RMSNorm, SwiGLU, RoPE and fused linear cross-entropy (CUDA only)
+    )
 
     def __post_init__(self):
         if self.kernels not in (None, "liger"): raise ConfigError(f"kernels={self.kernels!r}: choose None or 'liger'")
@@ -54,7 +57,7 @@ def mode_settings(tc: TrainConfig) -> ModeSettings:
     if tc.mode not in MODES: raise ConfigError(f"train.mode={tc.mode!r}: choose one of {sorted(MODES)}")
     return MODES[tc.mode]
 
-# %% ../nbs/12_modes.ipynb #82f25431
+# %% ../nbs/12_modes.ipynb #c278739e
 def _base(llm: nn.Module) -> nn.Module:
     "The transformers model inside a peft wrapper (or the model itself)."
     return llm.get_base_model() if hasattr(llm, "get_base_model") else llm
@@ -72,7 +75,8 @@ def set_checkpointing(llm: nn.Module, fraction: float, reentrant: bool = False, 
     "Checkpoint `fraction` of the decoder layers (0: none); returns the indices of the checkpointed ones."
     base, layers = _base(llm), _layers(llm)
     if fraction <= 0:
-        base.activation_checkpointing_disable(); return []
+        base.activation_checkpointing_disable()
+        return []
     base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant}, offload=offload)
     on = spread(len(layers), fraction)
     for i, layer in enumerate(layers): layer.gradient_checkpointing = i in on
@@ -95,7 +99,7 @@ def auto_fraction(lcfg: LLMConfig, tokens: int, budget: float, lora: bool) -> fl
     if over <= 0: return 0.0
     return min(1.0, math.ceil(8 * over / (lcfg.layers * (full - kept))) / 8)
 
-# %% ../nbs/12_modes.ipynb #f08908b0
+# %% ../nbs/12_modes.ipynb #9259b520
 def set_lora_dropout(llm: nn.Module, p: float) -> int:
     "Set every LoRA dropout to `p` (`nn.Identity` at 0); returns how many were set."
     n = 0
@@ -119,17 +123,24 @@ class OffloadedEmbedding(nn.Module):
 
 def offload_embeddings(llm: nn.Module) -> OffloadedEmbedding:
     "Move the LLM's (frozen) input embeddings to host memory, behind an `OffloadedEmbedding`."
-    base = _base(llm); emb = base.get_input_embeddings()
+    base = _base(llm)
+    emb = base.get_input_embeddings()
     if isinstance(emb, OffloadedEmbedding): return emb
     if emb.weight.requires_grad: raise ValueError("the input embeddings are trainable: they cannot live in host memory")
-    off = OffloadedEmbedding(emb); base.set_input_embeddings(off)
+    off = OffloadedEmbedding(emb)
+    base.set_input_embeddings(off)
     return off
 
-# %% ../nbs/12_modes.ipynb #6fe000ea
+# %% ../nbs/12_modes.ipynb #9d72ac9b
 def _fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     "`base(x) + scaling * B(A(dropout(x)))`, the addition done by the second product (`addmm`)."
-    if (self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None or getattr(self, "lora_variant", None)
-            or any(self.lora_B[n].bias is not None for n in self.active_adapters if n in self.lora_B)):
+    if (
+        self.disable_adapters
+        or self.merged
+        or kwargs.get("adapter_names") is not None
+        or getattr(self, "lora_variant", None)
+        or any(self.lora_B[n].bias is not None for n in self.active_adapters if n in self.lora_B)
+    ):
         return type(self).forward(self, x, *args, **kwargs)
     result = self.base_layer(x, *args, **kwargs)
     out, amp = result.reshape(-1, result.shape[-1]), torch.is_autocast_enabled(x.device.type)  # (N, out)
@@ -140,13 +151,21 @@ def _fused_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         out = torch.addmm(out if amp else out.to(a.dtype), a, B.weight.t(), alpha=self.scaling[name])
     return out.view(result.shape).to(result.dtype)
 
-PATCHED_AGAINST = {"peft": "0.21.2", "bitsandbytes": "0.50.2"}  # the versions `fuse_lora` and `dequantize_frozen` were checked against
+PATCHED_AGAINST = {
+    "peft": "0.21.2",
+    "bitsandbytes": "0.50.2",
+}  # the versions `fuse_lora` and `dequantize_frozen` were checked against
 LORA_LAYER_ATTRS = ("base_layer", "lora_A", "lora_B", "scaling", "lora_dropout", "active_adapters", "merged",
                     "disable_adapters", "lora_variant")  # what `_fused_lora_forward` reads on a peft LoRA layer
 
 def _lora_layers(llm: nn.Module) -> list:
-    return [m for m in llm.modules() if isinstance(getattr(m, "lora_A", None), nn.ModuleDict) and hasattr(m, "base_layer")
-            and all(isinstance(a, nn.Linear) for a in m.lora_A.values())]
+    return [
+        m
+        for m in llm.modules()
+        if isinstance(getattr(m, "lora_A", None), nn.ModuleDict)
+        and hasattr(m, "base_layer")
+        and all(isinstance(a, nn.Linear) for a in m.lora_A.values())
+    ]
 
 def fuse_lora(llm: nn.Module) -> int:
     """Give every LoRA linear layer of `llm` the fused forward; returns how many.
@@ -180,7 +199,9 @@ def dequantize_frozen(llm: nn.Module) -> int:
         for name, q in list(parent.named_children()):
             if not isinstance(q, bnb.nn.Linear4bit): continue
             data, qs = q.weight.data, q.weight.quant_state
-            if getattr(qs, "packing_format_for_cpu", False):  # bitsandbytes repacks for its CPU kernel at the first CPU use
+            if getattr(
+                qs, "packing_format_for_cpu", False
+            ):  # bitsandbytes repacks for its CPU kernel at the first CPU use
                 from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
                 data, qs = _convert_weight_packed_for_cpu_inverse(data, qs)
             w = dequantize_4bit(data, qs).to(q.compute_dtype or torch.bfloat16)  # (out, in)
@@ -188,18 +209,21 @@ def dequantize_frozen(llm: nn.Module) -> int:
             with torch.no_grad():
                 lin.weight.copy_(w)
                 if q.bias is not None: lin.bias.copy_(q.bias)
-            setattr(parent, name, lin.requires_grad_(False)); n += 1
+            setattr(parent, name, lin.requires_grad_(False))
+            n += 1
     return n
 
-# %% ../nbs/12_modes.ipynb #f26d08f7
+# %% ../nbs/12_modes.ipynb #55462d18
 def check_patched_libraries(llm: nn.Module | None = None) -> None:
     "Fail if peft or bitsandbytes is not what `fuse_lora` and `dequantize_frozen` were written against (`llm`: a LoRA LLM to inspect)."
     import inspect, peft, bitsandbytes as bnb, bitsandbytes.functional as bnbf
     from peft.tuners.lora.layer import Linear as LoraLinear
     from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
     for lib, v in (("peft", peft.__version__), ("bitsandbytes", bnb.__version__)):
-        assert v == PATCHED_AGAINST[lib], (f"{lib} {v} is installed; `fuse_lora`/`dequantize_frozen` were written against "
-            f"{lib} {PATCHED_AGAINST[lib]}: re-check the patch (anymal.modes), then update PATCHED_AGAINST")
+        assert v == PATCHED_AGAINST[lib], (
+            f"{lib} {v} is installed; `fuse_lora`/`dequantize_frozen` were written against "
+            f"{lib} {PATCHED_AGAINST[lib]}: re-check the patch (anymal.modes), then update PATCHED_AGAINST"
+        )
     for cls in (LoraLinear, LoraLinear4bit):
         ps = [(p.name, p.kind) for p in inspect.signature(cls.forward).parameters.values()]
         assert ps == [("self", inspect.Parameter.POSITIONAL_OR_KEYWORD), ("x", inspect.Parameter.POSITIONAL_OR_KEYWORD),
@@ -207,15 +231,19 @@ def check_patched_libraries(llm: nn.Module | None = None) -> None:
             f"peft's {cls.__qualname__}.forward is now {ps}: re-check `_fused_lora_forward` (anymal.modes)"
     for m in (_lora_layers(llm) if llm is not None else [])[:1]:
         missing = [a for a in LORA_LAYER_ATTRS if not hasattr(m, a)]
-        assert not missing, f"peft's {type(m).__qualname__} has no {missing}: re-check `_fused_lora_forward` (anymal.modes)"
-    q = bnb.nn.Linear4bit(8, 8, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")  # not quantized: a shape only
+        assert not missing, (
+            f"peft's {type(m).__qualname__} has no {missing}: re-check `_fused_lora_forward` (anymal.modes)"
+        )
+    q = bnb.nn.Linear4bit(
+        8, 8, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4"
+    )  # not quantized: a shape only
     missing = [a for a in ("compute_dtype", "in_features", "out_features", "bias") if not hasattr(q, a)]
     missing += [f"weight.{a}" for a in ("quant_state",) if not hasattr(q.weight, a)]
     assert not missing, f"bitsandbytes' Linear4bit has no {missing}: re-check `dequantize_frozen` (anymal.modes)"
     for f in ("dequantize_4bit", "_convert_weight_packed_for_cpu_inverse"):
         assert hasattr(bnbf, f), f"bitsandbytes.functional has no {f}: re-check `dequantize_frozen` (anymal.modes)"
 
-# %% ../nbs/12_modes.ipynb #82b29cb8
+# %% ../nbs/12_modes.ipynb #c5f01e42
 def _free_budget(model: nn.Module, device: torch.device) -> float:
     "GPU bytes left for activations: free memory less gradients + AdamW state of the trainable weights and a reserve."
     free, total = torch.cuda.mem_get_info(device)
@@ -227,7 +255,8 @@ def _free_budget(model: nn.Module, device: torch.device) -> float:
 def liger_missing(device) -> str | None:
     "Why Liger-Kernel cannot run on `device`; `None` when it can."
     if torch.device(device).type != "cuda": return "Liger-Kernel's Triton kernels need a CUDA device"
-    if importlib.util.find_spec("liger_kernel") is None: return "liger_kernel is not installed (pip install liger-kernel)"
+    if importlib.util.find_spec("liger_kernel") is None:
+        return "liger_kernel is not installed (pip install liger-kernel)"
     return None
 
 def liger_ce(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, chunk: int = 0) -> tuple:
@@ -242,7 +271,10 @@ def liger_patch(llm: nn.Module) -> int:
     """Liger-Kernel's RoPE, RMSNorm and SwiGLU for `llm`, through its public `apply_liger_kernel_to_llama(model=...)`;
     how many of `llm`'s modules now run Liger's kernels. It cannot be undone: see the prose above."""
     from liger_kernel.transformers import apply_liger_kernel_to_llama
-    base = _base(llm)  # the LlamaForCausalLM (Liger finds its LlamaModel through `base_model_prefix`; peft's wrapper hides it)
+
+    base = _base(
+        llm
+    )  # the LlamaForCausalLM (Liger finds its LlamaModel through `base_model_prefix`; peft's wrapper hides it)
     apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
                                 fused_linear_cross_entropy=False, model=base)  # the loss is AnyMAL's: `liger_ce`
     dec = base.model
@@ -268,32 +300,43 @@ def apply_mode(model: nn.Module, cfg: Config, device=None,
         f = s.ckpt if s.ckpt != "auto" else (0.0 if not cuda else
             auto_fraction(cfg.llm, cfg.train.batch_size * cfg.data.max_len, _free_budget(model, dev), lora))
         done["ckpt_layers"] = set_checkpointing(llm, f, s.reentrant, s.offload)
-    if llm is not None and s.lora_dropout is not None: done["lora_dropout"] = (set_lora_dropout(llm, s.lora_dropout), s.lora_dropout)
+    if llm is not None and s.lora_dropout is not None:
+        done["lora_dropout"] = (set_lora_dropout(llm, s.lora_dropout), s.lora_dropout)
     if s.loss_chunk and hasattr(model, "loss_chunk"): model.loss_chunk = done["loss_chunk"] = s.loss_chunk
     if cuda and s.encoder_bf16 and getattr(model, "encoder", None) is not None:
-        model.encoder.to(torch.bfloat16); done["encoder"] = "bfloat16"
-    if cuda and s.embed_offload and llm is not None: offload_embeddings(llm); done["embeddings"] = "host"
+        model.encoder.to(torch.bfloat16)
+        done["encoder"] = "bfloat16"
+    if cuda and s.embed_offload and llm is not None:
+        offload_embeddings(llm)
+        done["embeddings"] = "host"
     if s.kernels == "liger" and llm is not None:
         why = liger_missing(dev)
         if why is None:
-            liger_patch(llm); model.ce_fn = liger_ce; done["kernels"] = "liger"
+            liger_patch(llm)
+            model.ce_fn = liger_ce
+            done["kernels"] = "liger"
         else:
             done["kernels"] = f"none ({why})"
             if cuda: warnings.warn(f"train.mode={cfg.train.mode!r} runs without its fused kernels: {why}")
     if cfg.train.compile and llm is not None: done["compiled_layers"] = compile_blocks(llm)
     return done
 
-# %% ../nbs/12_modes.ipynb #839da00c
+# %% ../nbs/12_modes.ipynb #9546ee38
 def pack_samples(samples: list[dict], # data samples: `input_ids`, `labels`, `n_images`, optional `pixels`
                  max_len: int, pad_id: int) -> dict:
     "Samples laid end to end in rows of `max_len` (first fit, longest first), with per-sample `position_ids`."
     rows, room = [], []
     for s in sorted(samples, key=lambda s: -len(s["input_ids"])):
         n = len(s["input_ids"])
-        if n > max_len: raise ValueError(f"sample {s.get('sample_id', '?')!r} has {n} tokens, more than max_len={max_len}")
+        if n > max_len:
+            raise ValueError(f"sample {s.get('sample_id', '?')!r} has {n} tokens, more than max_len={max_len}")
         r = next((r for r, left in enumerate(room) if left >= n), None)
-        if r is None: rows.append([]); room.append(max_len); r = len(rows) - 1
-        rows[r].append(s); room[r] -= n
+        if r is None:
+            rows.append([])
+            room.append(max_len)
+            r = len(rows) - 1
+        rows[r].append(s)
+        room[r] -= n
     B = len(rows)
     ids, labels = torch.full((B, max_len), pad_id), torch.full((B, max_len), -100)
     pos, mask = torch.zeros(B, max_len, dtype=torch.long), torch.zeros(B, max_len, dtype=torch.long)

@@ -16,7 +16,7 @@ from .runlog import read_metrics
 __all__ = ['attention_maps', 'plot_attention', 'plot_curves', 'accuracy_table', 'plot_accuracy', 'plot_accuracy_curve',
            'plot_main']
 
-# %% ../nbs/18_plots.ipynb #5f1d4ec9
+# %% ../nbs/18_plots.ipynb #a098e819
 def _np(x) -> np.ndarray:
     "A numpy array from a tensor, array or nested list."
     if hasattr(x, "detach"): x = x.detach().float().cpu().numpy()
@@ -31,20 +31,24 @@ def attention_maps(attn, # (layers, heads, L, P), (heads, L, P) or (L, P); also 
     "Per-latent `(L, grid, grid)` attention over the patches, and each latent's share of attention on them `(L,)`."
     a = _np(attn)
     if a.ndim == 5:
-        if a.shape[0] != 1: raise ValueError(f"attn has a batch of {a.shape[0]} images; pass one image's maps, e.g. attn[0]")
+        if a.shape[0] != 1:
+            raise ValueError(f"attn has a batch of {a.shape[0]} images; pass one image's maps, e.g. attn[0]")
         a = a[0]
     if a.ndim == 4: a = a[layer]                              # (H, L, P)
     if a.ndim == 3: a = a.mean(0) if head is None else a[head]  # (L, P)
-    if a.ndim != 2: raise ValueError(f"attn must be (layers, heads, L, P), (heads, L, P) or (L, P); got shape {_np(attn).shape}")
+    if a.ndim != 2:
+        raise ValueError(f"attn must be (layers, heads, L, P), (heads, L, P) or (L, P); got shape {_np(attn).shape}")
     n, start = grid * grid, int(has_cls)
     if a.shape[1] < start + n:
-        raise ValueError(f"attn has {a.shape[1]} keys, fewer than the {start + n} that a {grid}x{grid} grid{' + CLS' if has_cls else ''} needs")
+        raise ValueError(
+            f"attn has {a.shape[1]} keys, fewer than the {start + n} that a {grid}x{grid} grid{' + CLS' if has_cls else ''} needs"
+        )
     if a.shape[1] == n + 1 and not has_cls:
         raise ValueError(f"attn has {n}+1 keys for a {grid}x{grid} grid: if the first is CLS, pass has_cls=True")
     patches = a[:, start:start + n]                             # (L, P)
     return patches.reshape(-1, grid, grid), patches.sum(1)      # (L, grid, grid), (L,)
 
-# %% ../nbs/18_plots.ipynb #674a3718
+# %% ../nbs/18_plots.ipynb #19b79117
 def plot_attention(image, # PIL image (or HxW[xC] array) the attention was computed on
                    attn, grid: int, # see `attention_maps`
                    latents=None, # which latents to draw (default all)
@@ -63,17 +67,21 @@ def plot_attention(image, # PIL image (or HxW[xC] array) the attention was compu
     rows = math.ceil((len(idx) + 1) / cols)
     fig = Figure(figsize=(2 * cols, 2 * rows * h / w + 0.3 * rows))
     axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
-    axes[0].imshow(img); axes[0].set_title("image", fontsize=8)
+    axes[0].imshow(img)
+    axes[0].set_title("image", fontsize=8)
     for ax, i in zip(axes[1:], idx):
         m = maps[i] / max(maps[i].max(), 1e-12)
-        ax.imshow(img); ax.imshow(m, cmap=cmap, alpha=alpha * m, extent=(0, w, h, 0), interpolation="bilinear", vmin=0, vmax=1)
+        ax.imshow(img)
+        ax.imshow(m, cmap=cmap, alpha=alpha * m, extent=(0, w, h, 0), interpolation="bilinear", vmin=0, vmax=1)
         ax.set_title(f"latent {i}" + (f" ({share[i]:.0%} on image)" if share[i] < 0.995 else ""), fontsize=8)
     for ax in axes: ax.axis("off")
-    fig.suptitle(f"resampler cross-attention, layer {layer}, {'mean of heads' if head is None else f'head {head}'}", fontsize=9)
+    fig.suptitle(
+        f"resampler cross-attention, layer {layer}, {'mean of heads' if head is None else f'head {head}'}", fontsize=9
+    )
     if save is not None: fig.savefig(save, dpi=100, bbox_inches="tight")
     return fig
 
-# %% ../nbs/18_plots.ipynb #990f1aae
+# %% ../nbs/18_plots.ipynb #e81f87ff
 def _run_name(path) -> str:
     p = Path(path)
     return (p.parent if p.name.endswith(".jsonl") else p).name or str(p)
@@ -95,16 +103,22 @@ def plot_curves(runs, # a run folder / metrics.jsonl path, or a list of them
     for ax, key in zip(axes, keys):
         for c, (rows, name) in enumerate(zip(data, labels)):
             for split, style in (("train", dict(lw=1.2)), ("val", dict(marker="o", ms=4, ls="--"))):
-                pts = [(r["step"], r[key]) for r in rows if r.get("split", "train") == split and isinstance(r.get(key), (int, float))]
+                pts = [
+                    (r["step"], r[key])
+                    for r in rows
+                    if r.get("split", "train") == split and isinstance(r.get(key), (int, float))
+                ]
                 if pts: ax.plot(*zip(*pts), color=f"C{c}", label=f"{name} {split}", **style)
-        ax.set_xlabel("step"); ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.set_title(key)
         if key in log_y: ax.set_yscale("log")
-        ax.grid(alpha=0.3); ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     if save is not None: fig.savefig(save, dpi=100, bbox_inches="tight")
     return fig
 
-# %% ../nbs/18_plots.ipynb #4373e2c0
+# %% ../nbs/18_plots.ipynb #7952801b
 def _as_named(results) -> dict:
     "`{name: result}` from one result dict or a mapping of them."
     if isinstance(results, dict) and "overall" in results: return {results.get("control", "result"): results}
@@ -121,12 +135,19 @@ def accuracy_table(results, # a `vqa_accuracy` result, or {name: result}
     types = sorted({t for r in named.values() for t in r[by]})
     counts = first.get("counts", {}).get(by, {})
     fmt = lambda r, t: f"{r[by][t]:.{digits}f}" if t in r[by] else "-"
-    lines = [f"| {by[3:].replace('Type', ' type')} | n | " + " | ".join(named) + " |", "|---|---:|" + "---:|" * len(named)]
+    lines = [
+        f"| {by[3:].replace('Type', ' type')} | n | " + " | ".join(named) + " |",
+        "|---|---:|" + "---:|" * len(named),
+    ]
     lines += [f"| {t} | {counts.get(t, '')} | " + " | ".join(fmt(r, t) for r in named.values()) + " |" for t in types]
-    lines.append(f"| **overall** | {first.get('counts', {}).get('overall', '')} | " + " | ".join(f"**{r['overall']:.{digits}f}**" for r in named.values()) + " |")
+    lines.append(
+        f"| **overall** | {first.get('counts', {}).get('overall', '')} | "
+        + " | ".join(f"**{r['overall']:.{digits}f}**" for r in named.values())
+        + " |"
+    )
     return "\n".join(lines)
 
-# %% ../nbs/18_plots.ipynb #f87d4bc9
+# %% ../nbs/18_plots.ipynb #06f35cfe
 def plot_accuracy(results, by: str = "perQuestionType", save=None) -> Figure:
     "Grouped horizontal bars of accuracy (%) per type, one colour per result (e.g. the image vs the controls)."
     named = _as_named(results)
@@ -138,7 +159,11 @@ def plot_accuracy(results, by: str = "perQuestionType", save=None) -> Figure:
         vals = [r[by].get(t, np.nan) for t in types[:-1]] + [r["overall"]]
         ax.barh(np.arange(len(types)) + c * hgt, vals, height=hgt, color=f"C{c}", label=name)
     ax.set_yticks(np.arange(len(types)) + hgt * (len(named) - 1) / 2, types, fontsize=8)
-    ax.invert_yaxis(); ax.set_xlim(0, 100); ax.set_xlabel("VQA accuracy (%)"); ax.legend(fontsize=8); ax.grid(axis="x", alpha=0.3)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("VQA accuracy (%)")
+    ax.legend(fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     if save is not None: fig.savefig(save, dpi=100, bbox_inches="tight")
     return fig
@@ -154,16 +179,20 @@ def plot_accuracy_curve(points, # [(step, result), ...] or {name: [(step, result
         for by in ("perQuestionType", "perAnswerType"):
             if key in r.get(by, {}): return r[by][key]
         raise KeyError(f"{key!r} is neither 'overall' nor a question/answer type of the result")
-    fig = Figure(figsize=(5, 3.5)); ax = fig.subplots()
+    fig = Figure(figsize=(5, 3.5))
+    ax = fig.subplots()
     for c, (name, pts) in enumerate(series.items()):
         pts = sorted(pts, key=lambda p: p[0])
         ax.plot([s for s, _ in pts], [val(r) for _, r in pts], marker="o", color=f"C{c}", label=name)
-    ax.set_xlabel(xlabel); ax.set_ylabel(f"VQA accuracy (%), {key}"); ax.grid(alpha=0.3); ax.legend(fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"VQA accuracy (%), {key}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     if save is not None: fig.savefig(save, dpi=100, bbox_inches="tight")
     return fig
 
-# %% ../nbs/18_plots.ipynb #7b5a58b9
+# %% ../nbs/18_plots.ipynb #3cb083d2
 def plot_main(argv: list[str] | None = None) -> int:
     "`anymal plot`: loss/lr curves of runs (and VQA accuracy bars) to PNG files."
     ap = argparse.ArgumentParser(prog="anymal plot", description=plot_main.__doc__)
@@ -172,11 +201,15 @@ def plot_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="curves PNG (default: <first run>/curves.png)")
     ap.add_argument("--vqa", nargs="*", default=[], help="evaluate_vqa *_metrics.json files for an accuracy figure")
     a = ap.parse_args(argv)
-    first = Path(a.runs[0]); first = first.parent if first.is_file() else first
+    first = Path(a.runs[0])
+    first = first.parent if first.is_file() else first
     out = Path(a.out) if a.out else first / "curves.png"
-    plot_curves(a.runs, keys=a.keys, save=out); print(f"wrote {out}")
+    plot_curves(a.runs, keys=a.keys, save=out)
+    print(f"wrote {out}")
     if a.vqa:
         named = {Path(p).stem.removesuffix("_metrics"): json.loads(Path(p).read_text()) for p in a.vqa}
         acc = out.with_name(out.stem + "_vqa.png")
-        plot_accuracy(named, save=acc); print(f"wrote {acc}"); print(accuracy_table(named))
+        plot_accuracy(named, save=acc)
+        print(f"wrote {acc}")
+        print(accuracy_table(named))
     return 0

@@ -35,7 +35,7 @@ SOURCES = {
     "coco_val2017": f"{COCO}/zips/val2017.zip",                                        # 0.8 GB, 5k images
 }
 
-# %% ../nbs/22_prepare.ipynb #8762b193
+# %% ../nbs/22_prepare.ipynb #e99f0f8e
 def sha256_file(path, chunk: int = 1 << 20) -> str:
     "The sha256 hex digest of a file, read in chunks."
     h = hashlib.sha256()
@@ -51,31 +51,36 @@ def _headers(url: str, offset: int) -> dict:
 
 def http_fetch(url: str, dest, chunk: int = 1 << 20, timeout: float = 60.0) -> Path:
     "Download `url` to `dest` through `dest.part`, resuming a partial download where the server allows it."
-    dest = Path(dest); dest.parent.mkdir(parents=True, exist_ok=True)
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     have = part.stat().st_size if part.exists() else 0
     try: r = urllib.request.urlopen(urllib.request.Request(url, headers=_headers(url, have)), timeout=timeout)
     except urllib.error.HTTPError as e:
         if e.code != 416 or not have: raise
-        part.unlink(); return http_fetch(url, dest, chunk, timeout)  # the range was past the end: start over
+        part.unlink()
+        return http_fetch(url, dest, chunk, timeout)  # the range was past the end: start over
     with r:
         if have and getattr(r, "status", None) != 206: have = 0  # no range support (e.g. file://): start over
         n = r.headers.get("Content-Length")
         total = int(n) + have if n is not None else None
         with open(part, "ab" if have else "wb") as f, \
              tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=dest.name, leave=False) as bar:
-            while b := r.read(chunk): f.write(b); bar.update(len(b))
+            while b := r.read(chunk):
+                f.write(b)
+                bar.update(len(b))
     got = part.stat().st_size
     if total is not None and got != total:
         raise IOError(f"{url}: received {got} of {total} bytes; run the same command again to resume")
     part.replace(dest)
     return dest
 
-# %% ../nbs/22_prepare.ipynb #5b59bf26
+# %% ../nbs/22_prepare.ipynb #d82528e0
 def _atomic_write(path: Path, data: bytes):
     path.parent.mkdir(parents=True, exist_ok=True)
     part = path.with_name(path.name + ".part")
-    part.write_bytes(data); part.replace(path)
+    part.write_bytes(data)
+    part.replace(path)
 
 class Manifest:
     "What one preparation step produced: files (size, sha256), counts and skipped records, saved atomically."
@@ -84,8 +89,11 @@ class Manifest:
         self.root, self.path, self.on_save = Path(root), Path(root) / "manifests" / f"{name}.json", on_save
         old = json.loads(self.path.read_text()) if self.path.exists() else {}
         params = params or {}
-        keep = old.get("files", {}) if old.get("params") == params else \
-               {k: v for k, v in old.get("files", {}).items() if k.startswith("downloads/")}  # new options: rebuild outputs
+        keep = (
+            old.get("files", {})
+            if old.get("params") == params
+            else {k: v for k, v in old.get("files", {}).items() if k.startswith("downloads/")}
+        )  # new options: rebuild outputs
         self.data = {"dataset": name, "params": params, "files": keep, "counts": {}, "skipped": []}
 
     def ok(self, rel: str, verify: bool = False) -> bool:
@@ -124,12 +132,14 @@ def fetch_source(name: str, man: Manifest, urls: dict | None = None, fetch: Call
     man.add(rel)
     return dest
 
-# %% ../nbs/22_prepare.ipynb #92415581
+# %% ../nbs/22_prepare.ipynb #6ee2776b
 def extract_images(zf: zipfile.ZipFile, pairs: list, root: Path, desc: str = "images") -> tuple[set, int]:
     "Extract `(member, relpath)` pairs under `root`; returns the members missing from the zip and the bytes in place."
     names, missing, nbytes = set(zf.namelist()), set(), 0
     for member, rel in tqdm(pairs, desc=desc, leave=False):
-        if member not in names: missing.add(member); continue
+        if member not in names:
+            missing.add(member)
+            continue
         info, out = zf.getinfo(member), root / rel
         if not (out.exists() and out.stat().st_size == info.file_size):
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -143,14 +153,16 @@ def extract_images(zf: zipfile.ZipFile, pairs: list, root: Path, desc: str = "im
 def _member(names: set, *candidates) -> str | None:
     return next((c for c in candidates if c in names), None)
 
-# %% ../nbs/22_prepare.ipynb #6dfdf1c0
+# %% ../nbs/22_prepare.ipynb #5a209933
 def llava_problem(r) -> str | None:
     "Why a LLaVA record cannot be used, or None if it can."
-    if not isinstance(r, dict) or "id" not in r or not isinstance(r.get("conversations"), list): return "malformed record"
+    if not isinstance(r, dict) or "id" not in r or not isinstance(r.get("conversations"), list):
+        return "malformed record"
     conv = r["conversations"]
     if not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in conv): return "malformed turn"
     roles = [t.get("from") for t in conv]
-    if not roles or any(a != b for a, b in zip(roles, ["human", "gpt"] * len(roles))): return f"turns are not human/gpt alternating: {roles}"
+    if not roles or any(a != b for a, b in zip(roles, ["human", "gpt"] * len(roles))):
+        return f"turns are not human/gpt alternating: {roles}"
     if "gpt" not in roles: return "no assistant turn"
     n_img = sum(t["value"].count("<image>") for t in conv)
     if "image" in r and n_img != 1: return f"{n_img} <image> markers for one image"
@@ -161,7 +173,7 @@ def _val_ids(ids: list, n: int) -> set:
     "The `n` ids with the smallest sha1: a split that does not depend on the order of the file."
     return set(sorted(ids, key=lambda i: hashlib.sha1(str(i).encode()).hexdigest())[:n])
 
-# %% ../nbs/22_prepare.ipynb #cff8a59d
+# %% ../nbs/22_prepare.ipynb #316a5131
 def prepare_llava(root, urls: dict | None = None, fetch: Callable = http_fetch, limit: int = 0, val: int = 1000,
                   verify: bool = False, on_save: Callable | None = None) -> dict:
     "LLaVA-Instruct-150K + its COCO train2017 images -> `llava/llava_instruct_{train,val}.json` and `images/`."
@@ -182,18 +194,23 @@ def prepare_llava(root, urls: dict | None = None, fetch: Callable = http_fetch, 
         if "image" in r and member[r["image"]] is None: man.skip(r["id"], f"image {r['image']} not in train2017.zip")
         else: kept.append(r)
     vset = _val_ids([r["id"] for r in kept], val)
-    for split, recs in (("train", [r for r in kept if r["id"] not in vset]), ("val", [r for r in kept if r["id"] in vset])):
+    for split, recs in (
+        ("train", [r for r in kept if r["id"] not in vset]),
+        ("val", [r for r in kept if r["id"] in vset]),
+    ):
         rel = f"llava/llava_instruct_{split}.json"
-        _atomic_write(man.root / rel, json.dumps(recs).encode()); man.add(rel)
+        _atomic_write(man.root / rel, json.dumps(recs).encode())
+        man.add(rel)
         man.data["counts"][split] = len(recs)
     man.data["counts"].update(records=len(records), images=len(pairs), image_bytes=nbytes)
     man.save()
     return man.data
 
-# %% ../nbs/22_prepare.ipynb #92b27125
+# %% ../nbs/22_prepare.ipynb #a6e34881
 def write_shard(path: Path, samples: list):
     "Write `(key, jpg_bytes, caption, meta)` samples as one webdataset tar, atomically."
-    part = path.with_name(path.name + ".part"); path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_name(path.name + ".part")
+    path.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(part, "w", format=tarfile.USTAR_FORMAT) as tf:
         for key, img, caption, meta in samples:
             meta = json.dumps({"key": key, "caption": caption, **meta}).encode()
@@ -208,7 +225,7 @@ def _caption(r) -> str | None:
     if not gpt or not isinstance(gpt[0], str): return None
     return gpt[0].strip() or None
 
-# %% ../nbs/22_prepare.ipynb #d68ea307
+# %% ../nbs/22_prepare.ipynb #81569d47
 def _caption_split(man: Manifest, zf, names: set, split: str, recs: list, shard_size: int, verify: bool):
     "Write one split's shards, skipping those the manifest already holds."
     n_shards = (len(recs) + shard_size - 1) // shard_size
@@ -217,7 +234,8 @@ def _caption_split(man: Manifest, zf, names: set, split: str, recs: list, shard_
         chunk = recs[s * shard_size:(s + 1) * shard_size]
         if man.ok(rel, verify):
             man.data["skipped"] += man.data["files"][rel].get("skipped", [])
-            man.data["counts"][split] += man.data["files"][rel]["samples"]; continue
+            man.data["counts"][split] += man.data["files"][rel]["samples"]
+            continue
         samples, skipped = [], []
         for j, r in enumerate(chunk):
             m = _member(names, r["image"], f"images/{r['image']}")
@@ -226,21 +244,25 @@ def _caption_split(man: Manifest, zf, names: set, split: str, recs: list, shard_
             elif not img.startswith(b"\xff\xd8"): skipped.append({"id": r["id"], "reason": "image is not a JPEG"})
             else: samples.append((f"{s:05d}{j:04d}", img, _caption(r), {"id": r["id"], "image": r["image"]}))
         write_shard(man.root / rel, samples)
-        man.data["skipped"] += skipped; man.data["counts"][split] += len(samples)
+        man.data["skipped"] += skipped
+        man.data["counts"][split] += len(samples)
         man.add(rel)
-        man.data["files"][rel].update(samples=len(samples), skipped=skipped); man.save()
+        man.data["files"][rel].update(samples=len(samples), skipped=skipped)
+        man.save()
     return n_shards
 
 def prepare_captions(root, urls: dict | None = None, fetch: Callable = http_fetch, limit: int = 0, val: int = 5000,
                      shard_size: int = 10000, verify: bool = False, on_save: Callable | None = None) -> dict:
     "LCS-558K captions + images -> webdataset shards `captions/{train,val}-NNNNN.tar`."
-    if not 0 < shard_size <= 10000: raise ValueError(f"shard_size must be in 1..10000 (keys have 4 digits), got {shard_size}")
+    if not 0 < shard_size <= 10000:
+        raise ValueError(f"shard_size must be in 1..10000 (keys have 4 digits), got {shard_size}")
     man = Manifest(root, "captions", {"limit": limit, "val": val, "shard_size": shard_size}, on_save)
     records = json.loads(fetch_source("lcs558k_json", man, urls, fetch, verify).read_text())
     if limit: records = records[:limit]
     good = []
     for r in records:
-        if not isinstance(r, dict) or "id" not in r or not isinstance(r.get("image"), str): man.skip(None, "malformed record")
+        if not isinstance(r, dict) or "id" not in r or not isinstance(r.get("image"), str):
+            man.skip(None, "malformed record")
         elif _caption(r) is None: man.skip(r["id"], "no caption")
         else: good.append(r)
     vset = _val_ids([r["id"] for r in good], val)
@@ -253,9 +275,10 @@ def prepare_captions(root, urls: dict | None = None, fetch: Callable = http_fetc
     man.save()
     return man.data
 
-# %% ../nbs/22_prepare.ipynb #97ffae28
+# %% ../nbs/22_prepare.ipynb #c3d76752
 def _first_images(ids, limit: int) -> set:
-    ids = sorted(set(ids)); return set(ids[:limit] if limit else ids)
+    ids = sorted(set(ids))
+    return set(ids[:limit] if limit else ids)
 
 def _zip_json(path: Path, name: str) -> dict:
     with zipfile.ZipFile(path) as z:
@@ -267,11 +290,17 @@ def prepare_vqav2(root, urls: dict | None = None, fetch: Callable = http_fetch, 
                   on_save: Callable | None = None) -> dict:
     "VQAv2 val questions + annotations (+ COCO val2014 images) -> `vqa/` and `coco/val2014/`."
     man = Manifest(root, "vqav2", {"limit": limit}, on_save)
-    qs = _zip_json(fetch_source("vqav2_questions_val", man, urls, fetch, verify), "v2_OpenEnded_mscoco_val2014_questions.json")
-    an = _zip_json(fetch_source("vqav2_annotations_val", man, urls, fetch, verify), "v2_mscoco_val2014_annotations.json")
+    qs = _zip_json(
+        fetch_source("vqav2_questions_val", man, urls, fetch, verify), "v2_OpenEnded_mscoco_val2014_questions.json"
+    )
+    an = _zip_json(
+        fetch_source("vqav2_annotations_val", man, urls, fetch, verify), "v2_mscoco_val2014_annotations.json"
+    )
     keep = _first_images([q["image_id"] for q in qs["questions"]], limit)
     with zipfile.ZipFile(fetch_source("coco_val2014", man, urls, fetch, verify)) as zf:
-        pairs = [(f"val2014/COCO_val2014_{i:012d}.jpg", f"coco/val2014/COCO_val2014_{i:012d}.jpg") for i in sorted(keep)]
+        pairs = [
+            (f"val2014/COCO_val2014_{i:012d}.jpg", f"coco/val2014/COCO_val2014_{i:012d}.jpg") for i in sorted(keep)
+        ]
         missing, nbytes = extract_images(zf, pairs, man.root, "coco val2014")
     gone = {int(m[-16:-4]) for m in missing}
     for q in qs["questions"]:
@@ -279,9 +308,15 @@ def prepare_vqav2(root, urls: dict | None = None, fetch: Callable = http_fetch, 
     keep -= gone
     qs["questions"] = [q for q in qs["questions"] if q["image_id"] in keep]
     an["annotations"] = [a for a in an["annotations"] if a["image_id"] in keep]
-    for rel, obj in (("vqa/v2_OpenEnded_mscoco_val2014_questions.json", qs), ("vqa/v2_mscoco_val2014_annotations.json", an)):
-        _atomic_write(man.root / rel, json.dumps(obj).encode()); man.add(rel)
-    man.data["counts"].update(images=len(keep), questions=len(qs["questions"]), annotations=len(an["annotations"]), image_bytes=nbytes)
+    for rel, obj in (
+        ("vqa/v2_OpenEnded_mscoco_val2014_questions.json", qs),
+        ("vqa/v2_mscoco_val2014_annotations.json", an),
+    ):
+        _atomic_write(man.root / rel, json.dumps(obj).encode())
+        man.add(rel)
+    man.data["counts"].update(
+        images=len(keep), questions=len(qs["questions"]), annotations=len(an["annotations"]), image_bytes=nbytes
+    )
     man.save()
     return man.data
 
@@ -293,18 +328,23 @@ def prepare_coco(root, urls: dict | None = None, fetch: Callable = http_fetch, l
     keep = _first_images([im["id"] for im in caps["images"]], limit)
     files = {im["id"]: im["file_name"] for im in caps["images"] if im["id"] in keep}
     with zipfile.ZipFile(fetch_source("coco_val2017", man, urls, fetch, verify)) as zf:
-        missing, nbytes = extract_images(zf, [(f"val2017/{f}", f"coco/val2017/{f}") for f in files.values()], man.root, "coco val2017")
+        missing, nbytes = extract_images(
+            zf, [(f"val2017/{f}", f"coco/val2017/{f}") for f in files.values()], man.root, "coco val2017"
+        )
     for i, f in files.items():
-        if f"val2017/{f}" in missing: man.skip(i, f"image {f} not in val2017.zip"); keep.discard(i)
+        if f"val2017/{f}" in missing:
+            man.skip(i, f"image {f} not in val2017.zip")
+            keep.discard(i)
     caps["images"] = [im for im in caps["images"] if im["id"] in keep]
     caps["annotations"] = [a for a in caps["annotations"] if a["image_id"] in keep]
     rel = "coco/captions_val2017.json"
-    _atomic_write(man.root / rel, json.dumps(caps).encode()); man.add(rel)
+    _atomic_write(man.root / rel, json.dumps(caps).encode())
+    man.add(rel)
     man.data["counts"].update(images=len(keep), captions=len(caps["annotations"]), image_bytes=nbytes)
     man.save()
     return man.data
 
-# %% ../nbs/22_prepare.ipynb #25dc9256
+# %% ../nbs/22_prepare.ipynb #5cd7d772
 LLM_FILES = ["*.json", "*.safetensors", "tokenizer*"]  # config, weights, tokenizer; not Meta's original/*.pth copy
 
 def _gated_help(repo: str, e: Exception) -> str:
@@ -333,15 +373,20 @@ def prepare_weights(cfg, cache_dir: str | None = None, # HF hub cache (default: 
     from anymal.vision import clip_weights_path
     out, path = {}, cfg.llm.path
     if path and not Path(path).expanduser().exists():
-        try: (snapshot or snapshot_download)(path, allow_patterns=LLM_FILES, cache_dir=cache_dir, token=os.environ.get("HF_TOKEN") or None)
-        except (GatedRepoError, RepositoryNotFoundError) as e: raise RuntimeError(_gated_help(path, e)) from e
+        try:
+            (snapshot or snapshot_download)(
+                path, allow_patterns=LLM_FILES, cache_dir=cache_dir, token=os.environ.get("HF_TOKEN") or None
+            )
+        except (GatedRepoError, RepositoryNotFoundError) as e:
+            raise RuntimeError(_gated_help(path, e)) from e
     if path: out["llm"] = str(_complete(resolve_llm_path(path, cache_dir), path))
     tag = open_clip.get_pretrained_cfg(cfg.vision.model, cfg.vision.pretrained) if cfg.vision.pretrained else {}
     if tag: (clip_download or open_clip.download_pretrained)(tag, cache_dir=cfg.vision.cache_dir or cache_dir)
-    if cfg.vision.pretrained: out["clip"] = clip_weights_path(replace(cfg.vision, cache_dir=cfg.vision.cache_dir or cache_dir or ""))
+    if cfg.vision.pretrained:
+        out["clip"] = clip_weights_path(replace(cfg.vision, cache_dir=cfg.vision.cache_dir or cache_dir or ""))
     return out
 
-# %% ../nbs/22_prepare.ipynb #e68f0bfd
+# %% ../nbs/22_prepare.ipynb #2f3386d1
 PREPARERS = {"llava": prepare_llava, "captions": prepare_captions, "vqav2": prepare_vqav2, "coco": prepare_coco}
 
 def prepare(dataset: str, root, **kw) -> dict:
@@ -357,7 +402,13 @@ def prepare_main(argv: list[str] | None = None, fetch: Callable = http_fetch, on
     p.add_argument("--limit", type=int, default=0, help="use only the first N records (0 = all)")
     p.add_argument("--val", type=int, default=None, help="held-out records (llava: 1000, captions: 5000)")
     p.add_argument("--shard-size", type=int, default=10000, help="captions: samples per tar shard")
-    p.add_argument("--url", action="append", default=[], metavar="NAME=URL", help=f"replace a source URL; names: {', '.join(SOURCES)}")
+    p.add_argument(
+        "--url",
+        action="append",
+        default=[],
+        metavar="NAME=URL",
+        help=f"replace a source URL; names: {', '.join(SOURCES)}",
+    )
     p.add_argument("--verify", action="store_true", help="re-hash finished files instead of trusting their size")
     a = p.parse_args(argv)
     cfg = config_from_args(a)
@@ -372,6 +423,7 @@ def prepare_main(argv: list[str] | None = None, fetch: Callable = http_fetch, on
         kw = dict(urls=urls, fetch=fetch, limit=a.limit, verify=a.verify, on_save=on_save)
         if a.val is not None and ds in ("llava", "captions"): kw["val"] = a.val
         if ds == "captions": kw["shard_size"] = a.shard_size
-        t = time.time(); man = prepare(ds, root, **kw)
+        t = time.time()
+        man = prepare(ds, root, **kw)
         print(json.dumps({"dataset": ds, "root": str(root), "seconds": round(time.time() - t, 1), **man["counts"]}))
     return 0

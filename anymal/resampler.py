@@ -17,14 +17,16 @@ from .config import Config, ConfigError
 __all__ = ['sincos_2d', 'add_pos2d', 'PerceiverAttention', 'feed_forward', 'PerceiverResampler', 'PatchPool', 'Bridge',
            'build_bridge']
 
-# %% ../nbs/04_resampler.ipynb #d32661ba
+# %% ../nbs/04_resampler.ipynb #4c20ded9
 def sincos_2d(grid: int, # side of the square patch grid
               dim: int,  # channels (divisible by 4)
              ) -> torch.Tensor:
     "Fixed 2-D sin/cos position signal, unit RMS per token: `(grid*grid, dim)` in row-major patch order."
     if dim % 4: raise ValueError(f"2-D sin/cos position needs a width divisible by 4, got {dim}")
     omega = 10000.0 ** (-torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))  # (D/4,)
-    y, x = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32), indexing="ij")
+    y, x = torch.meshgrid(
+        torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32), indexing="ij"
+    )
     ang_y, ang_x = y.reshape(-1, 1) * omega, x.reshape(-1, 1) * omega  # (g*g, D/4) each
     return math.sqrt(2) * torch.cat([ang_y.sin(), ang_y.cos(), ang_x.sin(), ang_x.cos()], dim=1)  # (g*g, D)
 
@@ -114,7 +116,7 @@ class PatchPool(nn.Module):
         x = torch.einsum("ln,bnD->blD", w, media)  # (b l D)
         return (x, repeat(w, "l n -> b 1 1 l n", b=media.shape[0])) if return_attn else x
 
-# %% ../nbs/04_resampler.ipynb #e5625bfd
+# %% ../nbs/04_resampler.ipynb #69928e91
 class Bridge(nn.Module):
     "Body (resampler or pooling) then projector: `(N, 1+P, Dv)` -> `(N, L, Dl)` (+ attention maps if asked)."
     def __init__(self, body: nn.Module, dim_in: int, dim_out: int):
@@ -132,7 +134,9 @@ def build_bridge(cfg: Config) -> Bridge:
     "The bridge `cfg.resampler` describes, from `cfg.vision.width` to `cfg.llm.hidden`."
     r, dv = cfg.resampler, cfg.vision.width
     if r.kind == "perceiver":
-        body = PerceiverResampler(dv, r.layers, r.latents, r.heads, r.dim_head, r.ff_mult, r.pos2d, r.pos_scale, r.dropout)
+        body = PerceiverResampler(
+            dv, r.layers, r.latents, r.heads, r.dim_head, r.ff_mult, r.pos2d, r.pos_scale, r.dropout
+        )
     elif r.kind == "linear": body = PatchPool(r.latents)
     else: raise ConfigError(f"resampler.kind={r.kind!r}: choose 'perceiver' or 'linear'")
     return Bridge(body, dv, cfg.llm.hidden)

@@ -33,7 +33,7 @@ def init_wandb(cfg: Config, out_dir, resume: bool = False):
         warnings.warn(f"W&B did not start ({type(e).__name__}: {e}); logging to metrics.jsonl only")
         return None
 
-# %% ../nbs/11_runlog.ipynb #d8a8145d
+# %% ../nbs/11_runlog.ipynb #04b08aa3
 def read_metrics(path, # a run folder holding `metrics.jsonl`, or a metrics file
                  split: str | None = None, # only the records of this split ("train", "val")
                  missing_ok: bool = True) -> list[dict]: # no file: [] (False: FileNotFoundError)
@@ -63,7 +63,8 @@ def truncate_metrics(path, step: int):
     if not path.exists(): return
     keep = [l for l in path.read_text().splitlines() if l.strip() and json.loads(l)["step"] <= step]
     tmp = path.with_name(f".tmp-{path.name}-{uuid.uuid4().hex[:8]}")
-    tmp.write_text("".join(l + "\n" for l in keep)); os.replace(tmp, path)
+    tmp.write_text("".join(l + "\n" for l in keep))
+    os.replace(tmp, path)
 
 def _flat(rec: dict) -> dict:
     "`{'split': 'train', 'loss': 1, 'lr_groups': {'lora': 2}}` -> `{'train/loss': 1, 'train/lr_groups/lora': 2}`."
@@ -73,7 +74,7 @@ def _flat(rec: dict) -> dict:
         elif k not in ("step", "split") and isinstance(v, (int, float)): out[f"{rec['split']}/{k}"] = v
     return out
 
-# %% ../nbs/11_runlog.ipynb #ef48ebd7
+# %% ../nbs/11_runlog.ipynb #5fd44b0a
 class RunLogger:
     "Metrics to `<out_dir>/metrics.jsonl` and, when `cfg.train.wandb_project` is set, to W&B (rank 0 only)."
     def __init__(self, out_dir, cfg: Config | None = None,
@@ -93,7 +94,8 @@ class RunLogger:
         if self.run is None: return
         try: self.run.log(_flat(rec), step=rec["step"])
         except Exception as e:
-            warnings.warn(f"W&B log failed ({type(e).__name__}: {e}); logging to metrics.jsonl only"); self.run = None
+            warnings.warn(f"W&B log failed ({type(e).__name__}: {e}); logging to metrics.jsonl only")
+            self.run = None
 
     def close(self):
         "Finish the W&B run, if any."

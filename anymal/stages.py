@@ -26,13 +26,28 @@ __all__ = ['STAGE_RECIPES', 'FORWARD_KEYS', 'stage_config', 'StageError', 'check
            'FeatureTable', 'feature_table', 'prepare_with_features', 'build_stage', 'run_stage', 'torchrun_stage',
            'resolve_stage_config', 'train_main']
 
-# %% ../nbs/16_stages.ipynb #551fc889
+# %% ../nbs/16_stages.ipynb #18883b43
 STAGE_RECIPES = {
-    "full": {1: ["train.out_dir=runs/full/stage1", "train.lr=2e-4"],
-             2: ["train.out_dir=runs/full/stage2", "train.init_from=runs/full/stage1", "train.lr=1e-5", "train.lora_lr=1e-5"]},
-    "tiny": {1: ["train.out_dir=runs/tiny/stage1", "train.steps=3000", "train.lr=2e-3", "train.save_every=500"],
-             2: ["train.out_dir=runs/tiny/stage2", "train.init_from=runs/tiny/stage1", "train.steps=1000",
-                 "train.lr=2e-3", "train.lora_lr=2e-3", "train.save_every=250"]},
+    "full": {
+        1: ["train.out_dir=runs/full/stage1", "train.lr=2e-4"],
+        2: [
+            "train.out_dir=runs/full/stage2",
+            "train.init_from=runs/full/stage1",
+            "train.lr=1e-5",
+            "train.lora_lr=1e-5",
+        ],
+    },
+    "tiny": {
+        1: ["train.out_dir=runs/tiny/stage1", "train.steps=3000", "train.lr=2e-3", "train.save_every=500"],
+        2: [
+            "train.out_dir=runs/tiny/stage2",
+            "train.init_from=runs/tiny/stage1",
+            "train.steps=1000",
+            "train.lr=2e-3",
+            "train.lora_lr=2e-3",
+            "train.save_every=250",
+        ],
+    },
 }
 
 def stage_config(cfg: Config, # a preset (or any config whose `preset` names a recipe)
@@ -56,9 +71,11 @@ def check_stage(cfg: Config):
                          "(e.g. --set train.init_from=runs/tiny/stage1), or --set train.allow_random_resampler=true "
                          "if that is really what you want")
 
-# %% ../nbs/16_stages.ipynb #9021766c
+# %% ../nbs/16_stages.ipynb #4ef673cd
 def _shard_bytes(path, off: int, size: int) -> bytes:
-    with open(path, "rb") as f: f.seek(off); return f.read(size)
+    with open(path, "rb") as f:
+        f.seek(off)
+        return f.read(size)
 
 def _path(p: Path) -> Path: return p
 
@@ -75,7 +92,9 @@ def _open(src) -> Image.Image:
     with Image.open(io.BytesIO(src) if isinstance(src, bytes) else src) as im: return im.convert("RGB")
 
 @torch.no_grad()
-def encode_images(encoder, sources: dict, transform, batch_size: int = 256, progress: bool = False) -> tuple[list, torch.Tensor]:
+def encode_images(
+    encoder, sources: dict, transform, batch_size: int = 256, progress: bool = False
+) -> tuple[list, torch.Tensor]:
     "Keys and frozen-encoder features `(N, 1+P, Dv)` of the images in `sources`."
     keys, out = list(sources), []
     for i in tqdm(range(0, len(keys), batch_size), desc="encode images", disable=not progress):
@@ -83,16 +102,20 @@ def encode_images(encoder, sources: dict, transform, batch_size: int = 256, prog
         out.append(encoder(px.to(next(encoder.parameters()).device)).float().cpu())
     return keys, torch.cat(out)
 
-# %% ../nbs/16_stages.ipynb #f77b3567
+# %% ../nbs/16_stages.ipynb #2a3fb64a
 def _hash_tensors(module) -> str:
     h = hashlib.sha256()
-    for k, v in sorted(module.state_dict().items()): h.update(k.encode()); h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    for k, v in sorted(module.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
 def _hash_sources(sources: dict) -> str:
     h = hashlib.sha256()
     for k, src in sources.items():
-        s = src(); h.update(k.encode()); h.update(s if isinstance(s, bytes) else Path(s).read_bytes())
+        s = src()
+        h.update(k.encode())
+        h.update(s if isinstance(s, bytes) else Path(s).read_bytes())
     return h.hexdigest()[:16]
 
 class FeatureTable:
@@ -104,7 +127,8 @@ class FeatureTable:
 
     def __getitem__(self, keys) -> torch.Tensor:
         missing = [k for k in keys if k not in self.index]
-        if missing: raise KeyError(f"no cached features for image(s) {missing[:5]}: the feature cache is not of this dataset")
+        if missing:
+            raise KeyError(f"no cached features for image(s) {missing[:5]}: the feature cache is not of this dataset")
         return self.feats[[self.index[k] for k in keys]]
 
 def feature_table(encoder, ds, transform, progress: bool = False, root=None) -> FeatureTable:
@@ -127,7 +151,7 @@ def prepare_with_features(batch: dict, device, table: FeatureTable) -> dict:
     if batch["image_keys"]: out["image_feats"] = table[batch["image_keys"]].to(device)
     return out
 
-# %% ../nbs/16_stages.ipynb #1b59fe4e
+# %% ../nbs/16_stages.ipynb #97d78f00
 def _split_exists(cfg: Config, stage: int, split: str) -> bool:
     d, root = cfg.data, Path(cfg.data.root)
     if stage == 1: return any(root.glob(d.caption_shards.format(split=split)))
@@ -138,14 +162,23 @@ def build_stage(cfg: Config, progress: bool = True) -> tuple:
     check_stage(cfg)
     cfg = with_standins(cfg, build=False)
     stage, tok = cfg.train.stage, load_tokenizer(world_tokenizer_dir(cfg))
-    if not _split_exists(cfg, stage, "train"): raise FileNotFoundError(f"no stage-{stage} training data under {cfg.data.root} (run `anymal world`)")
+    if not _split_exists(cfg, stage, "train"):
+        raise FileNotFoundError(f"no stage-{stage} training data under {cfg.data.root} (run `anymal world`)")
     model = AnyMAL.build(cfg, tok, stage)
     pix = not cfg.train.cache_features
     train_ds = build_dataset(cfg, tok, stage, "train", transform=model.encoder.preprocess, pixels=pix)
-    val_ds = build_dataset(cfg, tok, stage, "val", transform=model.encoder.preprocess, pixels=pix) if _split_exists(cfg, stage, "val") else None
+    val_ds = (
+        build_dataset(cfg, tok, stage, "val", transform=model.encoder.preprocess, pixels=pix)
+        if _split_exists(cfg, stage, "val")
+        else None
+    )
     prepare = None
     if cfg.train.cache_features:
-        tables = [feature_table(model.encoder, ds, model.encoder.preprocess, progress) for ds in (train_ds, val_ds) if ds is not None]
+        tables = [
+            feature_table(model.encoder, ds, model.encoder.preprocess, progress)
+            for ds in (train_ds, val_ds)
+            if ds is not None
+        ]
         table = FeatureTable([k for t in tables for k in t.index], torch.cat([t.feats for t in tables]))
         prepare = partial(prepare_with_features, table=table)
     return cfg, model, tok, train_ds, val_ds, prepare
@@ -179,7 +212,7 @@ def torchrun_stage(cfg: Config, # a stage config; `train.batch_size` is each pro
                            f"--resume. Command: {' '.join(cmd)}")
     return out / "final"
 
-# %% ../nbs/16_stages.ipynb #a02d23a5
+# %% ../nbs/16_stages.ipynb #5206f039
 def resolve_stage_config(preset_name: str = "tiny", # a preset (`PRESETS`), used when `config` is empty
                          config: str = "", # a JSON config: a file or its text
                          stage: int | None = None, # the stage (default: the config's `train.stage`)
@@ -195,7 +228,9 @@ def train_main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="anymal train", description=train_main.__doc__)
     ap.add_argument("--stage", type=int, choices=(1, 2), default=None,
                     help="shortcut for --set train.stage=N (picks the stage recipe)")
-    ap.add_argument("--resume", action="store_true", help="continue the run in train.out_dir from its latest checkpoint")
+    ap.add_argument(
+        "--resume", action="store_true", help="continue the run in train.out_dir from its latest checkpoint"
+    )
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = add_config_args(ap).parse_args(argv)
     cfg = resolve_stage_config(args.preset, args.config or "", args.stage, args.sets)

@@ -79,19 +79,28 @@ def load_tokenizer(path, # a tokenizer folder, or a hub id in the HF cache (`llm
     if tok.pad_token is None: tok.pad_token = PAD_TOKEN
     return tok
 
-# %% ../nbs/02_tokenizer.ipynb #74dc3a29
+# %% ../nbs/02_tokenizer.ipynb #54e495de
 class BadRecord(ValueError):
     "A record that cannot become a training sample; the message names the record, `kind` says what is wrong."
-    def __init__(self, msg: str, kind: str = "malformed"): super().__init__(msg); self.kind = kind
+    def __init__(self, msg: str, kind: str = "malformed"):
+        super().__init__(msg)
+        self.kind = kind
 
 def _check_messages(tok, messages: list[dict], name: str, need_answer: bool) -> None:
     if not isinstance(messages, list) or not messages: raise BadRecord(f"{name}: no messages")
     control = set(tok.all_special_tokens) | {IMAGE_TOKEN, HEADER_START, HEADER_END, EOT, BOS, END}
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
-            raise BadRecord(f"{name}: message {i} is not a {{role: system|user|assistant, content: str}}: {str(m)[:80]}")
+        if (
+            not isinstance(m, dict)
+            or m.get("role") not in ("system", "user", "assistant")
+            or not isinstance(m.get("content"), str)
+        ):
+            raise BadRecord(
+                f"{name}: message {i} is not a {{role: system|user|assistant, content: str}}: {str(m)[:80]}"
+            )
         if any(c in m["content"] for c in control): raise BadRecord(f"{name}: message {i} contains a control token")
-    if need_answer and not any(m["role"] == "assistant" for m in messages): raise BadRecord(f"{name}: no assistant turn", "no assistant turn")
+    if need_answer and not any(m["role"] == "assistant" for m in messages):
+        raise BadRecord(f"{name}: no assistant turn", "no assistant turn")
     if messages[0]["role"] == "assistant": raise BadRecord(f"{name}: starts with an assistant turn")
 
 def _render(tok, messages, gen=False) -> str:
@@ -108,14 +117,18 @@ def _assistant_spans(tok, messages: list[dict], full: str, name: str) -> list[tu
         spans.append((len(before), len(upto)))
     return spans
 
-# %% ../nbs/02_tokenizer.ipynb #f672c993
-def _span_labels(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]], name: str) -> tuple[list[int], list[int]]:
+# %% ../nbs/02_tokenizer.ipynb #d9ceac45
+def _span_labels(
+    ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]], name: str
+) -> tuple[list[int], list[int]]:
     "Labels of `ids` (-100 outside the character `spans`), and the token index where each span ends."
     starts, labels, ends = [a for a, _ in offsets], [-100] * len(ids), []
     for a, b in spans:
         i, j = bisect_left(starts, a), bisect_left(starts, b)
-        if starts[i] != a or offsets[j - 1][1] != b: raise BadRecord(f"{name}: a token crosses an assistant turn boundary")
-        labels[i:j] = ids[i:j]; ends.append(j)
+        if starts[i] != a or offsets[j - 1][1] != b:
+            raise BadRecord(f"{name}: a token crosses an assistant turn boundary")
+        labels[i:j] = ids[i:j]
+        ends.append(j)
     return labels, ends
 
 def _llama3_text(messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
@@ -123,25 +136,33 @@ def _llama3_text(messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
     text, spans = BOS, []
     for m in messages:
         head = f"{HEADER_START}{m['role']}{HEADER_END}\n\n"
-        a = len(text) + len(head); text += head + m["content"].strip() + EOT
+        a = len(text) + len(head)
+        text += head + m["content"].strip() + EOT
         if m["role"] == "assistant": spans.append((a, len(text)))
     return text, spans
 
 def _ids_offsets(tok, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]]]]:
     "Token ids and character offsets of each text (no special tokens added): from the Rust tokenizer itself where there is one."
     b = getattr(tok, "backend_tokenizer", None)
-    if b is not None and b.truncation is None and b.padding is None:  # ~25% faster than the Python wrapper on 100k documents
+    if (
+        b is not None and b.truncation is None and b.padding is None
+    ):  # ~25% faster than the Python wrapper on 100k documents
         return [(e.ids, e.offsets) for e in b.encode_batch(texts, add_special_tokens=False)]
     e = tok(texts, add_special_tokens=False, return_offsets_mapping=True)
     return list(zip(e["input_ids"], e["offset_mapping"]))
 
-_LLAMA3 = weakref.WeakKeyDictionary()  # tokenizer -> {(template, roles, generation prompt, untrimmed content): renders as LLaMA-3?}
+_LLAMA3 = (
+    weakref.WeakKeyDictionary()
+)  # tokenizer -> {(template, roles, generation prompt, untrimmed content): renders as LLaMA-3?}
+
 
 def _chat_text(tok, msgs: list[dict], gen: bool, name: str) -> tuple[str, list[tuple[int, int]]]:
     "`msgs` as the tokenizer's template renders them, and the assistant spans: written directly where that is checked to be LLaMA-3's format."
     text, spans = _llama3_text(msgs)
     if gen: text, spans = text + f"{HEADER_START}assistant{HEADER_END}\n\n", []
-    padded = any(m["content"] != m["content"].strip() for m in msgs)  # LLaMA-3 trims: checked apart from untrimmed content
+    padded = any(
+        m["content"] != m["content"].strip() for m in msgs
+    )  # LLaMA-3 trims: checked apart from untrimmed content
     seen, key = _LLAMA3.setdefault(tok, {}), (tok.chat_template, tuple(m["role"] for m in msgs), gen, padded)
     if key not in seen:  # once for each sequence of roles: the template's own render, turn by turn
         full = _render(tok, msgs, gen)
@@ -166,14 +187,19 @@ def encode_chat(tok, # a tokenizer with LLaMA-3's chat template
     labels, ends = _span_labels(ids, offsets, spans, name)
     if max_len is not None and len(ids) > max_len:
         fit = [e for e in ends if e <= max_len]
-        if not fit: raise BadRecord(f"{name}: {len(ids)} tokens and the first answer ends at token {ends[0] if ends else len(ids)}, beyond max_len={max_len}", "too long")
+        if not fit:
+            raise BadRecord(
+                f"{name}: {len(ids)} tokens and the first answer ends at token "
+                f"{ends[0] if ends else len(ids)}, beyond max_len={max_len}",
+                "too long",
+            )
         ids, labels = ids[:fit[-1]], labels[:fit[-1]]
     n_img = ids.count(tok.convert_tokens_to_ids(IMAGE_TOKEN))
     if n_img % n_latents or (len(ids) == len(full_ids) and n_img != n_markers * n_latents):
         raise BadRecord(f"{name}: {n_img} image tokens for {n_markers} <image> markers of {n_latents} tokens")
     return dict(input_ids=ids, labels=labels, n_images=n_img // n_latents, turns=sum(e <= len(ids) for e in ends))
 
-# %% ../nbs/02_tokenizer.ipynb #ff661530
+# %% ../nbs/02_tokenizer.ipynb #1d80c43a
 def encode_chats(tok, # a tokenizer with LLaMA-3's chat template
                  chats: list[list[dict]], # text-only conversations (no `<image>`)
                  names: list[str] | None = None, # how errors name each conversation
@@ -183,7 +209,10 @@ def encode_chats(tok, # a tokenizer with LLaMA-3's chat template
     texts, spans = [], []
     for chat, name in zip(chats, names):
         _check_messages(tok, chat, name, need_answer=True)
-        if any(IMAGE_MARKER in m["content"] for m in chat): raise BadRecord(f"{name}: has an {IMAGE_MARKER}: use encode_chat")
-        t, s = _chat_text(tok, chat, False, name); texts.append(t); spans.append(s)
+        if any(IMAGE_MARKER in m["content"] for m in chat):
+            raise BadRecord(f"{name}: has an {IMAGE_MARKER}: use encode_chat")
+        t, s = _chat_text(tok, chat, False, name)
+        texts.append(t)
+        spans.append(s)
     return [dict(input_ids=ids, labels=_span_labels(ids, offs, s, name)[0], n_images=0, turns=len(s))
             for (ids, offs), s, name in zip(_ids_offsets(tok, texts), spans, names)]

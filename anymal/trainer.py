@@ -39,11 +39,12 @@ def lr_factor(step: int, # optimizer steps already taken (0 for the first step)
     progress = min(1.0, (step - warmup) / max(1, total - 1 - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
-# %% ../nbs/13_trainer.ipynb #a5648dbb
+# %% ../nbs/13_trainer.ipynb #415107e6
 def param_groups(model: nn.Module, tc: TrainConfig) -> list[dict]:
     "AdamW groups of the trainable parameters: `bridge` at `tc.lr` and `lora` (names with `lora_`) at `tc.lora_lr`."
     named = [(n, p) for n, p in unwrap(model).named_parameters() if p.requires_grad]
-    if not named: raise ValueError("the model has no parameters with requires_grad: nothing to train (was set_stage called?)")
+    if not named:
+        raise ValueError("the model has no parameters with requires_grad: nothing to train (was set_stage called?)")
     groups = [dict(name="bridge", lr=tc.lr, named=[(n, p) for n, p in named if not is_lora(n)]),
               dict(name="lora", lr=tc.lora_lr, named=[(n, p) for n, p in named if is_lora(n)])]
     return [dict(name=g["name"], lr=g["lr"], names=[n for n, _ in g["named"]], params=[p for _, p in g["named"]])
@@ -65,9 +66,11 @@ def build_optimizer(model: nn.Module, tc: TrainConfig,
 
 def build_scheduler(opt: torch.optim.Optimizer, tc: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
     "Warm-up + cosine (`lr_factor`) for every group, each from its own peak LR."
-    return torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, warmup=tc.warmup, total=tc.steps, min_ratio=tc.min_lr_ratio))
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, partial(lr_factor, warmup=tc.warmup, total=tc.steps, min_ratio=tc.min_lr_ratio)
+    )
 
-# %% ../nbs/13_trainer.ipynb #95b2fa12
+# %% ../nbs/13_trainer.ipynb #4e9f722d
 def forward_keys(model: nn.Module) -> set | None:
     "The argument names `model.forward` takes (None: it takes `**kwargs`, so anything)."
     ps = inspect.signature(unwrap(model).forward).parameters.values()
@@ -98,9 +101,11 @@ def autocast_for(device: torch.device, cpu_bf16: bool = False):
 
 def seed_all(seed: int):
     "Seed python, numpy and torch (all devices)."
-    random.seed(seed); np.random.seed(seed); torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
-# %% ../nbs/13_trainer.ipynb #d933d4a3
+# %% ../nbs/13_trainer.ipynb #31a7bafb
 @dataclass
 class Progress:
     "Where a run stands; saved in every checkpoint."
@@ -119,14 +124,17 @@ class Trainer:
                  prepare: Callable | None = None, # (batch, device) -> forward kwargs; default: `to_inputs`
                  find_unused_parameters: bool = False):
         self.cfg, self.tc, self.d = cfg, cfg.train, init_distributed(device)
-        self.out = Path(self.tc.out_dir); self.ckdir = self.out / "checkpoints"
+        self.out = Path(self.tc.out_dir)
+        self.ckdir = self.out / "checkpoints"
         self.raw = model
         if any(p.device != self.d.device for p in model.parameters()): model.to(self.d.device)
         self.mode = apply_mode(model, cfg, self.d.device)  # train.mode's memory/speed levers (anymal.modes)
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.model = self.raw
         if self.d.ddp:
-            DDP._set_params_and_buffers_to_ignore_for_model(model, [n for n, p in model.named_parameters() if not p.requires_grad])
+            DDP._set_params_and_buffers_to_ignore_for_model(
+                model, [n for n, p in model.named_parameters() if not p.requires_grad]
+            )
             self.model = DDP(model, device_ids=[self.d.device] if self.d.device.type == "cuda" else None,
                              broadcast_buffers=False, find_unused_parameters=find_unused_parameters)
         self.opt, self.p = build_optimizer(model, self.tc), Progress()
@@ -134,10 +142,19 @@ class Trainer:
         self.prepare = prepare or partial(to_inputs, keys=forward_keys(model))
         nw, lengths = cfg.data.num_workers, None
         if self.tc.group_by_length:
-            if not hasattr(train_ds, "lengths"): raise ConfigError(f"train.group_by_length=True, but {type(train_ds).__name__} has no lengths() to group by")
+            if not hasattr(train_ds, "lengths"):
+                raise ConfigError(
+                    f"train.group_by_length=True, but {type(train_ds).__name__} has no lengths() to group by"
+                )
             lengths = train_ds.lengths()
-        self.train_dl = make_loader(train_ds, self.tc.batch_size, self.d, self.tc.seed, True, True, collate_fn, nw, lengths)
-        self.val_dl = None if val_ds is None else make_loader(val_ds, self.tc.batch_size, self.d, self.tc.seed, False, False, collate_fn, nw)
+        self.train_dl = make_loader(
+            train_ds, self.tc.batch_size, self.d, self.tc.seed, True, True, collate_fn, nw, lengths
+        )
+        self.val_dl = (
+            None
+            if val_ds is None
+            else make_loader(val_ds, self.tc.batch_size, self.d, self.tc.seed, False, False, collate_fn, nw)
+        )
         self.per_epoch = batches_per_epoch(self.train_dl)
         if self.per_epoch == 0:
             raise ValueError(f"train_ds has {len(train_ds)} samples: fewer than one batch of {self.tc.batch_size} "
@@ -155,12 +172,13 @@ def micro_batches(self: Trainer):
             yield batch
         self.p.epoch, self.p.batches = self.p.epoch + 1, 0
 
-# %% ../nbs/13_trainer.ipynb #d6b74f5e
+# %% ../nbs/13_trainer.ipynb #e1c498f6
 @patch
 def train_step(self: Trainer) -> dict:
     "One optimizer step over `grad_accum` micro-batches; returns its loss, tokens, time, LRs and gradient norm."
     tc, dev, t0 = self.tc, self.d.device, time.perf_counter()
-    self.model.train(); self.opt.zero_grad(set_to_none=True)
+    self.model.train()
+    self.opt.zero_grad(set_to_none=True)
     losses, ids, tokens = [], [], torch.zeros((), dtype=torch.float64, device=dev)
     for i in range(tc.grad_accum):
         batch = next(self.batches)
@@ -168,7 +186,8 @@ def train_step(self: Trainer) -> dict:
         with nullcontext() if sync else self.model.no_sync():
             with autocast_for(dev, tc.cpu_bf16): loss = self.model(**self.prepare(batch, dev)).loss
             (loss / tc.grad_accum).backward()
-        losses.append(loss.detach().float()); ids.append(batch.get("sample_ids"))
+        losses.append(loss.detach().float())
+        ids.append(batch.get("sample_ids"))
         tokens += real_tokens(batch).to(dev)
     ls = torch.stack(losses)
     stats = all_reduce_sum(torch.stack([ls.sum().double(), (~ls.isfinite()).sum().double(), tokens]), self.d).tolist()
@@ -178,10 +197,16 @@ def train_step(self: Trainer) -> dict:
         raise NonFiniteError(f"non-finite gradient norm ({norm.item()}) at step {self.p.step + 1} with finite losses; "
                              f"stopped before the optimizer step, nothing saved (last checkpoint: {self._last_ckpt()})")
     lrs = {g["name"]: g["lr"] for g in self.opt.param_groups}
-    self.opt.step(); self.sched.step()
+    self.opt.step()
+    self.sched.step()
     dt = time.perf_counter() - t0
-    self.p.step += 1; self.p.tokens += int(stats[2]); self.p.elapsed += dt
-    return dict(loss=stats[0] / (tc.grad_accum * self.d.world), tokens=int(stats[2]), time=dt, lrs=lrs, grad_norm=norm.item())
+    self.p.step += 1
+    self.p.tokens += int(stats[2])
+    self.p.elapsed += dt
+    return dict(
+        loss=stats[0] / (tc.grad_accum * self.d.world), tokens=int(stats[2]), time=dt, lrs=lrs, grad_norm=norm.item()
+    )
+
 
 @patch
 def _last_ckpt(self: Trainer):
@@ -190,16 +215,23 @@ def _last_ckpt(self: Trainer):
 
 @patch
 def _nonfinite_message(self: Trainer, losses, ids) -> str:
-    bad = [f"micro-batch {i + 1}/{len(losses)} loss {l.item()}" + (f" (sample_ids {ids[i].tolist()[:8]})" if torch.is_tensor(ids[i]) else "")
-           for i, l in enumerate(losses) if not l.isfinite()]
-    return (f"non-finite train loss at step {self.p.step + 1} (rank {self.d.rank}: {'; '.join(bad) or 'on another rank'}); "
-            f"stopped before the optimizer step, nothing saved (last checkpoint: {self._last_ckpt()})")
+    bad = [
+        f"micro-batch {i + 1}/{len(losses)} loss {l.item()}"
+        + (f" (sample_ids {ids[i].tolist()[:8]})" if torch.is_tensor(ids[i]) else "")
+        for i, l in enumerate(losses)
+        if not l.isfinite()
+    ]
+    return (
+        f"non-finite train loss at step {self.p.step + 1} (rank {self.d.rank}: {'; '.join(bad) or 'on another rank'}); "
+        f"stopped before the optimizer step, nothing saved (last checkpoint: {self._last_ckpt()})"
+    )
 
-# %% ../nbs/13_trainer.ipynb #c0432960
+# %% ../nbs/13_trainer.ipynb #498bf39b
 @torch.no_grad()
 def mean_loss(model: nn.Module, loader, max_batches: int, d: Dist, prepare: Callable, cpu_bf16: bool = False) -> dict:
     "Mean loss over the first `max_batches` batches of `loader` (all ranks), with tokens/s."
-    model.eval(); t0 = time.perf_counter()
+    model.eval()
+    t0 = time.perf_counter()
     tot = torch.zeros(3, dtype=torch.float64, device=d.device)  # loss sum, batches, tokens
     for i, batch in enumerate(loader):
         if i >= max_batches: break
@@ -212,14 +244,15 @@ def mean_loss(model: nn.Module, loader, max_batches: int, d: Dist, prepare: Call
 @patch
 def validate(self: Trainer) -> dict:
     "Validation loss now; a non-finite one stops the run."
-    self.val_dl.sampler.set_epoch(0); self.val_dl.generator.manual_seed(self.tc.seed)
+    self.val_dl.sampler.set_epoch(0)
+    self.val_dl.generator.manual_seed(self.tc.seed)
     m = mean_loss(self.raw, self.val_dl, self.tc.eval_batches, self.d, self.prepare, self.tc.cpu_bf16)
     if not math.isfinite(m["loss"]):
         raise NonFiniteError(f"non-finite val loss ({m['loss']}) at step {self.p.step}; nothing saved for this step "
                              f"(last checkpoint: {self._last_ckpt()})")
     return m
 
-# %% ../nbs/13_trainer.ipynb #fa756740
+# %% ../nbs/13_trainer.ipynb #b9446acd
 @patch
 def save(self: Trainer) -> Path:
     "Write a training checkpoint for the current step (rank 0) and point `latest` at it."
@@ -227,7 +260,8 @@ def save(self: Trainer) -> Path:
                  rng=gather_objects(rng_state(), self.d), world=self.d.world)
     path = self.ckdir / f"step-{self.p.step:08d}"
     if self.d.is_main:
-        save_checkpoint(path, self.raw, self.cfg, state, step=self.p.step, stage=self.tc.stage); set_latest(path)
+        save_checkpoint(path, self.raw, self.cfg, state, step=self.p.step, stage=self.tc.stage)
+        set_latest(path)
     barrier(self.d)
     return path
 
@@ -236,19 +270,25 @@ def restore(self: Trainer, ckpt) -> None:
     "Continue from training checkpoint `ckpt`: tensors, optimizer, scheduler, RNG and data position."
     meta, st = load_trainable(self.raw, ckpt, self.cfg), load_train_state(ckpt)
     old, new = meta["config"]["train"], asdict(self.tc)
-    changed = [f"train.{k}: checkpoint {old.get(k)}, now {v}" for k, v in new.items() if k != "betas" and old.get(k) != v]
+    changed = [
+        f"train.{k}: checkpoint {old.get(k)}, now {v}" for k, v in new.items() if k != "betas" and old.get(k) != v
+    ]
     if changed: warnings.warn("resuming with a changed train config: " + "; ".join(changed))
     saved, ours = [g["names"] for g in st["optimizer"]["param_groups"]], [g["names"] for g in self.opt.param_groups]
-    if saved != ours: raise CheckpointMismatch(f"optimizer state of {ckpt} is for parameter groups {saved}, the model has {ours}")
+    if saved != ours:
+        raise CheckpointMismatch(f"optimizer state of {ckpt} is for parameter groups {saved}, the model has {ours}")
     kinds = [{g.get("optim", "adamw") for g in o} for o in (st["optimizer"]["param_groups"], self.opt.param_groups)]
     if kinds[0] != kinds[1]:  # 8-bit moments cannot be read as fp32 ones (nor the reverse)
         raise CheckpointMismatch(f"optimizer state of {ckpt} is {sorted(kinds[0])}, train.mode={self.tc.mode!r} uses "
                                  f"{sorted(kinds[1])}: resume in the mode the run was started with")
-    self.opt.load_state_dict(st["optimizer"]); self.sched.load_state_dict(st["scheduler"])
+    self.opt.load_state_dict(st["optimizer"])
+    self.sched.load_state_dict(st["scheduler"])
     self.p = Progress(**st["progress"])
     if st["world"] == self.d.world: set_rng_state(st["rng"][self.d.rank])
     else:
-        warnings.warn(f"resuming {st['world']} process(es) as {self.d.world}: random and data order differ from an uninterrupted run")
+        warnings.warn(
+            f"resuming {st['world']} process(es) as {self.d.world}: random and data order differ from an uninterrupted run"
+        )
         seed_all(self.tc.seed + self.d.rank + self.p.step)
 
 @patch
@@ -257,7 +297,9 @@ def start(self: Trainer, resume: bool) -> bool:
     if self.d.is_main: recover(self.ckdir)
     barrier(self.d)
     ckpt = latest_checkpoint(self.out)
-    if resume and ckpt is not None: self.restore(ckpt); return True
+    if resume and ckpt is not None:
+        self.restore(ckpt)
+        return True
     if ckpt is not None:
         raise FileExistsError(f"{self.out} has checkpoints of an earlier run (latest: {ckpt.name}); pass resume=True "
                               f"(--resume) to continue it, or set train.out_dir to a new folder")
@@ -265,7 +307,7 @@ def start(self: Trainer, resume: bool) -> bool:
     seed_all(self.tc.seed + self.d.rank)
     return False
 
-# %% ../nbs/13_trainer.ipynb #62a42f53
+# %% ../nbs/13_trainer.ipynb #0e748342
 @patch
 def record(self: Trainer, split: str, m: dict) -> dict:
     "A metrics.jsonl record for the current step."
@@ -291,19 +333,29 @@ def run(self: Trainer, resume: bool = False, progress: bool = True, on_step: Cal
     self.batches, window = self.micro_batches(), []
     try:
         while self.p.step < tc.steps:
-            m = self.train_step(); window.append(m); last = self.p.step == tc.steps
+            m = self.train_step()
+            window.append(m)
+            last = self.p.step == tc.steps
             bar.update(1)
-            bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{next(iter(m['lrs'].values())):.2e}", tok_s=f"{m['tokens'] / m['time']:.0f}")
-            if _due(self.p.step, tc.log_every) or last: log.log(self.record("train", _window(window))); window = []
+            bar.set_postfix(
+                loss=f"{m['loss']:.4f}",
+                lr=f"{next(iter(m['lrs'].values())):.2e}",
+                tok_s=f"{m['tokens'] / m['time']:.0f}",
+            )
+            if _due(self.p.step, tc.log_every) or last:
+                log.log(self.record("train", _window(window)))
+                window = []
             if self.val_dl is not None and tc.eval_batches > 0 and (_due(self.p.step, tc.eval_every) or last):
                 log.log(self.record("val", self.validate()))
             if _due(self.p.step, tc.save_every) or last: self.save()
             if on_step is not None: on_step(self.p.step, m)
         return self.save_final()
     finally:
-        bar.close(); log.close()
+        bar.close()
+        log.close()
         if d.ddp:  # free the DDP wrapper (its reducer holds the process group) before leaving the group, not at exit
-            self.model, self.batches = self.raw, None; gc.collect()
+            self.model, self.batches = self.raw, None
+            gc.collect()
         close_distributed(d)
 
 @patch

@@ -20,19 +20,27 @@ from .config import VisionConfig, ConfigError
 # %% auto #0
 __all__ = ['clip_model_cfg', 'clip_weights_path', 'load_clip_weights', 'build_clip', 'clip_preprocess', 'ImageEncoder']
 
-# %% ../nbs/03_vision.ipynb #f0601430
+# %% ../nbs/03_vision.ipynb #51c49425
 _FIELDS = [  # (VisionConfig field, open_clip section, open_clip key)
-    ("image_size", "vision_cfg", "image_size"), ("patch_size", "vision_cfg", "patch_size"), ("width", "vision_cfg", "width"),
-    ("layers", "vision_cfg", "layers"), ("head_width", "vision_cfg", "head_width"), ("text_width", "text_cfg", "width"),
-    ("text_layers", "text_cfg", "layers"), ("text_heads", "text_cfg", "heads"),
-    ("context_length", "text_cfg", "context_length"), ("vocab_size", "text_cfg", "vocab_size")]
+    ("image_size", "vision_cfg", "image_size"),
+    ("patch_size", "vision_cfg", "patch_size"),
+    ("width", "vision_cfg", "width"),
+    ("layers", "vision_cfg", "layers"),
+    ("head_width", "vision_cfg", "head_width"),
+    ("text_width", "text_cfg", "width"),
+    ("text_layers", "text_cfg", "layers"),
+    ("text_heads", "text_cfg", "heads"),
+    ("context_length", "text_cfg", "context_length"),
+    ("vocab_size", "text_cfg", "vocab_size"),
+]
 
 def _check_known(vcfg: VisionConfig, known: dict):
     "Refuse a `vcfg` that disagrees with open_clip's config for the same model name."
     full_cfg = {"vision_cfg": CLIPVisionCfg(**known["vision_cfg"]), "text_cfg": CLIPTextCfg(**known["text_cfg"])}
     bad = [f"vision.{f}={getattr(vcfg, f)} but open_clip's {vcfg.model!r} has {getattr(full_cfg[s], k)}"
            for f, s, k in _FIELDS if getattr(vcfg, f) != getattr(full_cfg[s], k)]
-    if vcfg.embed_dim != known["embed_dim"]: bad.append(f"vision.embed_dim={vcfg.embed_dim} but {vcfg.model!r} has {known['embed_dim']}")
+    if vcfg.embed_dim != known["embed_dim"]:
+        bad.append(f"vision.embed_dim={vcfg.embed_dim} but {vcfg.model!r} has {known['embed_dim']}")
     if bad: raise ConfigError("; ".join(bad))
 
 def clip_model_cfg(vcfg: VisionConfig, # the vision section of a `Config`
@@ -50,7 +58,7 @@ def clip_model_cfg(vcfg: VisionConfig, # the vision section of a `Config`
                 text_cfg=dict(context_length=vcfg.context_length, vocab_size=vcfg.vocab_size, width=vcfg.text_width,
                               heads=vcfg.text_heads, layers=vcfg.text_layers, pool_type="eos", eos_id=eos))
 
-# %% ../nbs/03_vision.ipynb #30afec09
+# %% ../nbs/03_vision.ipynb #c8f82140
 def _tag_candidates(tag: dict, cache_dir: str = "") -> list:
     "Where open_clip's downloads of a pretrained tag would be: (description, path or None)."
     out = []
@@ -68,7 +76,11 @@ def _tag_candidates(tag: dict, cache_dir: str = "") -> list:
 def _missing(vcfg: VisionConfig, tag: dict, looked: list) -> FileNotFoundError:
     repo, fname = os.path.split(tag.get("hf_hub", ""))
     where = f" --cache-dir {vcfg.cache_dir}" if vcfg.cache_dir else ""
-    how = f"`hf download {repo} {fname or 'open_clip_model.safetensors'}{where}`" if repo else f"download {tag.get('url')}"
+    how = (
+        f"`hf download {repo} {fname or 'open_clip_model.safetensors'}{where}`"
+        if repo
+        else f"download {tag.get('url')}"
+    )
     return FileNotFoundError(
         f"CLIP weights {vcfg.model}/{vcfg.pretrained} are not on this machine, and anymal never downloads them. "
         f"Looked in: {'; '.join(d for d, _ in looked)}. Fetch them once with {how} (or set vision.pretrained to a "
@@ -112,12 +124,14 @@ def build_clip(vcfg: VisionConfig, # the vision section of a `Config`
     if path: load_clip_weights(model, path)
     return model
 
-# %% ../nbs/03_vision.ipynb #cc4b6eff
+# %% ../nbs/03_vision.ipynb #ac3a5c75
 def clip_preprocess(vcfg: VisionConfig):
     "open_clip's eval transform for `vcfg`: PIL image -> normalised `(3, H, W)` tensor."
     tag = open_clip.get_pretrained_cfg(vcfg.model, vcfg.pretrained) if vcfg.pretrained else {}
     keys = ("mean", "std", "interpolation", "resize_mode")
-    return image_transform_v2(PreprocessCfg(size=vcfg.image_size, **{k: tag[k] for k in keys if k in tag}), is_train=False)
+    return image_transform_v2(
+        PreprocessCfg(size=vcfg.image_size, **{k: tag[k] for k in keys if k in tag}), is_train=False
+    )
 
 # %% ../nbs/03_vision.ipynb #5e13db99
 class ImageEncoder(nn.Module):

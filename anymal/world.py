@@ -40,7 +40,7 @@ def heldout_combos(seed: int = 0) -> list[tuple[str, str]]:
     colors = random.Random(f"heldout/{seed}").sample(sorted(COLORS), len(SHAPES))
     return list(zip(colors, SHAPES))
 
-# %% ../nbs/07_world.ipynb #ed0a881b
+# %% ../nbs/07_world.ipynb #45c671f5
 def _combo(rng, held: set, split: str, force_held: bool):
     combos = [(c, s) for c in COLORS for s in SHAPES]
     if force_held: return rng.choice(sorted(held))
@@ -60,8 +60,16 @@ def sample_scene(rng: random.Random, # the split's random stream
         r, m = SIZES[size] * k, 2 * k
         cx = (q % 2) * half + rng.uniform(r + m, half - r - m)
         cy = (q // 2) * half + rng.uniform(r + m, half - r - m)
-        objects.append(dict(color=color, shape=shape, size=size, quadrant=QUADRANTS[q], center=[round(cx, 1), round(cy, 1)],
-                            bbox=[round(cx - r, 1), round(cy - r, 1), round(2 * r, 1), round(2 * r, 1)]))
+        objects.append(
+            dict(
+                color=color,
+                shape=shape,
+                size=size,
+                quadrant=QUADRANTS[q],
+                center=[round(cx, 1), round(cy, 1)],
+                bbox=[round(cx - r, 1), round(cy - r, 1), round(2 * r, 1), round(2 * r, 1)],
+            )
+        )
     objects.sort(key=lambda o: QUADRANTS.index(o["quadrant"]))  # reading order: descriptions are canonical
     return dict(objects=objects, background=rng.randint(25, 70), tint=[rng.randint(-12, 12) for _ in range(3 * n)])
 
@@ -126,7 +134,7 @@ def _target(rng, objs: list, keysets, held: set):
     if pref and rng.random() < 0.75: cands = pref
     return rng.choice(cands) if cands else (None, None)
 
-# %% ../nbs/07_world.ipynb #f296dbc4
+# %% ../nbs/07_world.ipynb #fab8d5f2
 def q_color(rng, objs, held):
     "What color is the (size) shape? - about an object its shape (or size and shape) singles out."
     o, k = _target(rng, objs, [("shape",), ("size", "shape")], held)
@@ -146,7 +154,9 @@ def q_count(rng, objs, held):
     "How many shapes / circles / red shapes are there? - the attribute asked about is present 3 times in 4."
     form = rng.choice(["all", "shape", "color"])
     if form == "all": return "How many shapes are there?", str(len(objs))
-    vals, present = (SHAPES, {o["shape"] for o in objs}) if form == "shape" else (sorted(COLORS), {o["color"] for o in objs})
+    vals, present = (
+        (SHAPES, {o["shape"] for o in objs}) if form == "shape" else (sorted(COLORS), {o["color"] for o in objs})
+    )
     v = rng.choice(sorted(present) if rng.random() < 0.75 else [x for x in vals if x not in present] or sorted(present))
     n = sum(o[form] == v for o in objs)
     return (f"How many {v}s are there?" if form == "shape" else f"How many {v} shapes are there?"), str(n)
@@ -154,10 +164,16 @@ def q_count(rng, objs, held):
 def q_exists(rng, objs, held, split="train", yes=True):
     "Is there a (size) colour shape? - `yes` picks a present object, `no` an absent one, often one attribute away."
     keys = ("size", "color", "shape") if rng.random() < 0.25 else ("color", "shape")
-    if yes: o = rng.choice(objs); t = tuple(o[k] for k in keys)
+    if yes:
+        o = rng.choice(objs)
+        t = tuple(o[k] for k in keys)
     else:
         have = {tuple(o[k] for k in keys) for o in objs}
-        absent = [t for t in product(*(VALUES[k] for k in keys)) if t not in have and (split == "heldout" or t[-2:] not in held)]
+        absent = [
+            t
+            for t in product(*(VALUES[k] for k in keys))
+            if t not in have and (split == "heldout" or t[-2:] not in held)
+        ]
         hard = [t for t in absent if any(sum(a == o[k] for a, k in zip(t, keys)) == len(keys) - 1 for o in objs)]
         t = rng.choice(hard if hard and rng.random() < 0.5 else absent)
     return f"Is there {_a(' '.join(t))}?", "yes" if yes else "no"
@@ -165,7 +181,7 @@ def q_exists(rng, objs, held, split="train", yes=True):
 QUESTION_TYPES = {"color": q_color, "shape": q_shape, "count": q_count, "position": q_position, "exists": q_exists}
 ANSWER_TYPE = {"color": "other", "shape": "other", "count": "number", "position": "other", "exists": "yes/no"}
 
-# %% ../nbs/07_world.ipynb #fc0aa5d0
+# %% ../nbs/07_world.ipynb #60fc1c79
 VARIANTS = {"top left": ["upper left", "top left corner", "top-left"], "top right": ["upper right", "top right corner"],
             "bottom left": ["lower left", "bottom left corner"], "bottom right": ["lower right", "bottom right corner"],
             "purple": ["violet"], "diamond": ["rhombus"]}
@@ -176,9 +192,15 @@ def answers10(answer: str, rng: random.Random) -> list[dict]:
     others = rng.randint(0, 3) if answer in VARIANTS else 0
     words = [answer] * (10 - others) + [rng.choice(VARIANTS[answer]) for _ in range(others)]
     rng.shuffle(words)
-    return [dict(answer=w, answer_confidence="yes" if w == answer else "maybe", answer_id=i + 1) for i, w in enumerate(words)]
+    return [
+        dict(answer=w, answer_confidence="yes" if w == answer else "maybe", answer_id=i + 1)
+        for i, w in enumerate(words)
+    ]
 
-def make_qa(scene: dict, rng: random.Random, per_type: int = 2, split: str = "train", held: set = frozenset()) -> list[dict]:
+
+def make_qa(
+    scene: dict, rng: random.Random, per_type: int = 2, split: str = "train", held: set = frozenset()
+) -> list[dict]:
     "Up to `per_type` distinct questions of every type for one scene: dicts with question, answer, type."
     out, seen = [], set()
     for qtype, fn in QUESTION_TYPES.items():
@@ -187,7 +209,9 @@ def make_qa(scene: dict, rng: random.Random, per_type: int = 2, split: str = "tr
             for t in range(8):  # a few tries to find a question not asked yet, preferably with another answer
                 qa = fn(rng, scene["objects"], held, **kw)
                 if qa and qa[0] not in seen and (t >= 4 or (qtype, qa[1]) not in seen):
-                    seen |= {qa[0], (qtype, qa[1])}; out.append(dict(question=qa[0], answer=qa[1], type=qtype)); break
+                    seen |= {qa[0], (qtype, qa[1])}
+                    out.append(dict(question=qa[0], answer=qa[1], type=qtype))
+                    break
     rng.shuffle(out)
     return out
 
@@ -223,12 +247,16 @@ def llava_records(recs: list[dict], vqa_prompt: str, turns: int = 4) -> list[dic
             out.append({"id": f"{r['image_id']}-{j}", "image": r["file_name"], "conversations": conv})
     return out
 
-# %% ../nbs/07_world.ipynb #4dbf9fcd
+# %% ../nbs/07_world.ipynb #428bd880
 def vqa_files(recs: list[dict], split: str) -> tuple[dict, dict]:
     "VQAv2 (questions, annotations) dicts for one split."
     head = dict(info={"description": "anymal shapes world", "version": "1.0"}, data_type="shapes", data_subtype=split,
                 license={"name": "CC0", "url": "https://creativecommons.org/publicdomain/zero/1.0/"})
-    qs = [dict(image_id=r["image_id"], question=q["question"], question_id=q["question_id"]) for r in recs for q in r["qa"]]
+    qs = [
+        dict(image_id=r["image_id"], question=q["question"], question_id=q["question_id"])
+        for r in recs
+        for q in r["qa"]
+    ]
     anns = [dict(question_id=q["question_id"], image_id=r["image_id"], question_type=q["type"],
                  answer_type=ANSWER_TYPE[q["type"]], multiple_choice_answer=q["answer"], answers=q["answers"])
             for r in recs for q in r["qa"]]
@@ -236,12 +264,18 @@ def vqa_files(recs: list[dict], split: str) -> tuple[dict, dict]:
 
 def coco_captions(recs: list[dict], split: str) -> dict:
     "COCO-captions JSON: images[{id, file_name, height, width}] + annotations[{id, image_id, caption}]."
-    images = [dict(id=r["image_id"], file_name=Path(r["file_name"]).name, height=r["height"], width=r["width"]) for r in recs]
-    anns = [dict(id=r["image_id"] * 10 + k, image_id=r["image_id"], caption=c) for r in recs for k, c in enumerate(r["captions"])]
+    images = [
+        dict(id=r["image_id"], file_name=Path(r["file_name"]).name, height=r["height"], width=r["width"]) for r in recs
+    ]
+    anns = [
+        dict(id=r["image_id"] * 10 + k, image_id=r["image_id"], caption=c)
+        for r in recs
+        for k, c in enumerate(r["captions"])
+    ]
     return dict(info={"description": f"anymal shapes world captions ({split})"}, licenses=[], type="captions",
                 images=images, annotations=anns)
 
-# %% ../nbs/07_world.ipynb #e48b257b
+# %% ../nbs/07_world.ipynb #08e2b197
 def add_sample(tar: tarfile.TarFile, key: str, members: dict[str, bytes]):
     "Add one webdataset sample, a member `{key}.{ext}` per entry of `members`, with fixed metadata (same bytes, same tar)."
     for ext, data in members.items():
@@ -249,7 +283,9 @@ def add_sample(tar: tarfile.TarFile, key: str, members: dict[str, bytes]):
         info.size, info.mtime, info.mode = len(data), 0, 0o644
         tar.addfile(info, io.BytesIO(data))
 
-def write_shards(recs: list[dict], pngs: dict, out: Path, split: str, seed: int = 0, shard_size: int = 1000) -> list[Path]:
+def write_shards(
+    recs: list[dict], pngs: dict, out: Path, split: str, seed: int = 0, shard_size: int = 1000
+) -> list[Path]:
     "Write img2dataset-style tar shards `{split}-NNNNN.tar` (+ `_stats.json`) into `out`; return their paths."
     rng, paths = random.Random(f"shards/{seed}/{split}"), []
     for s in range(0, len(recs), shard_size):
@@ -260,10 +296,13 @@ def write_shards(recs: list[dict], pngs: dict, out: Path, split: str, seed: int 
                 meta = dict(url=r["file_name"], key=key, status="success", error_message=None, width=r["width"],
                             height=r["height"], original_width=r["width"], original_height=r["height"], caption=cap,
                             image_id=r["image_id"])
-                add_sample(tar, key, {"png": pngs[r["file_name"]], "txt": cap.encode(), "json": json.dumps(meta).encode()})
+                add_sample(
+                    tar, key, {"png": pngs[r["file_name"]], "txt": cap.encode(), "json": json.dumps(meta).encode()}
+                )
         n = min(shard_size, len(recs) - s)
         stats = dict(count=n, successes=n, failed_to_download=0, failed_to_resize=0, status_dict={"success": n})
-        path.with_name(path.stem + "_stats.json").write_text(json.dumps(stats, indent=1)); paths.append(path)
+        path.with_name(path.stem + "_stats.json").write_text(json.dumps(stats, indent=1))
+        paths.append(path)
     return paths
 
 # %% ../nbs/07_world.ipynb #f7908c49
@@ -272,9 +311,10 @@ def lm_lines(rec: dict) -> list[str]:
     d = rec["description"]
     return [f"{d} {c}" for c in rec["captions"][1:]] + [f"{d} {q['question']} {q['answer']}" for q in rec["qa"]]
 
-# %% ../nbs/07_world.ipynb #719375a9
+# %% ../nbs/07_world.ipynb #64d04c01
 def _dump(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True); path.write_text(json.dumps(obj))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
 
 WORLD_JSON = "world.json"    # the world's summary: what it was generated with (`world_info`)
 TOKENIZER_DIR = "tokenizer"  # the tiny tokenizer trained on the world's text
@@ -289,7 +329,8 @@ def world_paths(split: str) -> dict:
 def world_info(root) -> dict:
     "What decides a world's content: its `world.json` without timings."
     p = Path(root) / WORLD_JSON
-    if not p.exists(): raise FileNotFoundError(f"no shapes world at {root} (no {WORLD_JSON}): run `anymal world --out {root}` first")
+    if not p.exists():
+        raise FileNotFoundError(f"no shapes world at {root} (no {WORLD_JSON}): run `anymal world --out {root}` first")
     return {k: v for k, v in json.loads(p.read_text()).items() if k != "seconds"}
 
 def write_split(root: Path, split: str, recs: list[dict], cfg: Config, turns: int = 4, shard_size: int = 1000) -> dict:
@@ -297,9 +338,13 @@ def write_split(root: Path, split: str, recs: list[dict], cfg: Config, turns: in
     pngs, paths = {}, world_paths(split)
     (root / "images" / split).mkdir(parents=True, exist_ok=True)
     for r in recs:
-        buf = io.BytesIO(); render_scene(r, r["width"]).save(buf, format="PNG")
-        pngs[r["file_name"]] = buf.getvalue(); (root / "images" / r["file_name"]).write_bytes(buf.getvalue())
-    slim = [dict(r, qa=[{k: v for k, v in q.items() if k != "answers"} for q in r["qa"]]) for r in recs]  # answers: in vqa/
+        buf = io.BytesIO()
+        render_scene(r, r["width"]).save(buf, format="PNG")
+        pngs[r["file_name"]] = buf.getvalue()
+        (root / "images" / r["file_name"]).write_bytes(buf.getvalue())
+    slim = [
+        dict(r, qa=[{k: v for k, v in q.items() if k != "answers"} for q in r["qa"]]) for r in recs
+    ]  # answers: in vqa/
     _dump(root / paths["scenes"], dict(split=split, scenes=slim))
     llava = llava_records(recs, cfg.data.vqa_prompt, turns)
     _dump(root / cfg.data.instruct_json.format(split=split), llava)
@@ -307,7 +352,8 @@ def write_split(root: Path, split: str, recs: list[dict], cfg: Config, turns: in
     _dump(root / paths["questions"], qs)
     _dump(root / paths["annotations"], anns)
     _dump(root / paths["captions"], coco_captions(recs, split))
-    shard_dir = root / Path(cfg.data.caption_shards).parent; shard_dir.mkdir(parents=True, exist_ok=True)
+    shard_dir = root / Path(cfg.data.caption_shards).parent
+    shard_dir.mkdir(parents=True, exist_ok=True)
     shards = write_shards(recs, pngs, shard_dir, split, cfg.data.world_seed, shard_size)
     (root / paths["lm_text"]).parent.mkdir(exist_ok=True)
     (root / paths["lm_text"]).write_text("".join(l + "\n" for r in recs for l in lm_lines(r)))
@@ -322,14 +368,28 @@ def generate_world(root, # output folder
     "Generate the shapes world under `root`; return the summary also written to `root/world.json`."
     cfg, root, t0 = cfg or tiny(), Path(root), time.time()
     d = cfg.data
-    if d.world_images <= 0: raise ValueError("data.world_images is 0: this config describes no world (use the tiny preset)")
+    if d.world_images <= 0:
+        raise ValueError("data.world_images is 0: this config describes no world (use the tiny preset)")
     sizes = dict(train=d.world_images, val=d.world_val_images, test=d.world_val_images, heldout=d.world_val_images)
-    splits = {s: write_split(root, s, make_split(s, n, d.world_seed, per_type, d.world_image_size), cfg, turns, shard_size)
-              for s, n in sizes.items() if n > 0}
-    info = dict(seed=d.world_seed, image_size=d.world_image_size, colors=list(COLORS), shapes=list(SHAPES), sizes=list(SIZES),
-                quadrants=list(QUADRANTS), heldout_combos=heldout_combos(d.world_seed), per_type=per_type, turns=turns,
-                prompts=dict(stage1=d.stage1_prompt, vqa=d.vqa_prompt, describe=DESCRIBE_PROMPT), splits=splits,
-                seconds=round(time.time() - t0, 2))
+    splits = {
+        s: write_split(root, s, make_split(s, n, d.world_seed, per_type, d.world_image_size), cfg, turns, shard_size)
+        for s, n in sizes.items()
+        if n > 0
+    }
+    info = dict(
+        seed=d.world_seed,
+        image_size=d.world_image_size,
+        colors=list(COLORS),
+        shapes=list(SHAPES),
+        sizes=list(SIZES),
+        quadrants=list(QUADRANTS),
+        heldout_combos=heldout_combos(d.world_seed),
+        per_type=per_type,
+        turns=turns,
+        prompts=dict(stage1=d.stage1_prompt, vqa=d.vqa_prompt, describe=DESCRIBE_PROMPT),
+        splits=splits,
+        seconds=round(time.time() - t0, 2),
+    )
     _dump(root / WORLD_JSON, info)
     return info
 
@@ -339,36 +399,48 @@ def ensure_world(cfg: Config, root) -> Config:
     cfg = override(cfg, [f"data.root={root}"])
     if (root / WORLD_JSON).exists() and (root / TOKENIZER_DIR / "tokenizer.json").exists():
         w = world_info(root)
-        if (w["seed"], w["image_size"], w["splits"]["train"]["images"]) == (d.world_seed, d.world_image_size, d.world_images):
+        if (w["seed"], w["image_size"], w["splits"]["train"]["images"]) == (
+            d.world_seed,
+            d.world_image_size,
+            d.world_images,
+        ):
             return cfg
     generate_world(root, cfg)
     train_tokenizer(iter_world_text(root), cfg.llm.vocab_size, root / TOKENIZER_DIR)
     return cfg
 
-# %% ../nbs/07_world.ipynb #0ac7c20e
+# %% ../nbs/07_world.ipynb #05e552c3
 def iter_world_text(root, # a folder written by `generate_world`
                     splits=("train",)) -> Iterator[str]:
     "Every piece of text of the world's `splits`, plus its prompts."
     root = Path(root)
     info = json.loads((root / "world.json").read_text())
-    yield from info["prompts"].values(); yield from (w for vs in VARIANTS.values() for w in vs)
+    yield from info["prompts"].values()
+    yield from (w for vs in VARIANTS.values() for w in vs)
     for split in splits:
         for r in json.loads((root / "scenes" / f"{split}.json").read_text())["scenes"]:
-            yield r["description"]; yield from r["captions"]
-            for q in r["qa"]: yield q["question"]; yield q["answer"]
+            yield r["description"]
+            yield from r["captions"]
+            for q in r["qa"]:
+                yield q["question"]
+                yield q["answer"]
 
-# %% ../nbs/07_world.ipynb #322884c2
+# %% ../nbs/07_world.ipynb #9d116984
 def world_main(argv: list[str] | None = None) -> int:
     "`anymal world`: generate the shapes world (and its tokenizer) for a config."
-    p = argparse.ArgumentParser(prog="anymal world", description="Generate the synthetic shapes world in the real data formats.")
+    p = argparse.ArgumentParser(
+        prog="anymal world", description="Generate the synthetic shapes world in the real data formats."
+    )
     p.add_argument("--out", default=None, help="output folder (default: the config's data.root)")
     p.add_argument("--no-tokenizer", action="store_true", help="do not train the tiny tokenizer into OUT/tokenizer")
     args = add_config_args(p).parse_args(argv)
     cfg = config_from_args(args)
-    if cfg.data.world_images <= 0: p.error("data.world_images is 0 in this config; use --preset tiny or --set data.world_images=N")
+    if cfg.data.world_images <= 0:
+        p.error("data.world_images is 0 in this config; use --preset tiny or --set data.world_images=N")
     out = Path(args.out or cfg.data.root)
     info = generate_world(out, cfg)
-    for split, c in info["splits"].items(): print(f"{split:8s} {c['images']:6d} images {c['questions']:7d} questions {c['llava_records']:6d} conversations")
+    for split, c in info["splits"].items():
+        print(f"{split:8s} {c['images']:6d} images {c['questions']:7d} questions {c['llava_records']:6d} conversations")
     if not args.no_tokenizer:
         tok = train_tokenizer(iter_world_text(out), cfg.llm.vocab_size, out / TOKENIZER_DIR)
         print(f"tokenizer: {len(tok)} tokens -> {out / TOKENIZER_DIR}")

@@ -56,3 +56,26 @@ def test_readme_layout_lists_the_modules_in_reading_order():
     assert listed == [mod for _, mod, _ in _notebooks()], listed
     exported = sorted(p.stem for p in (NBS.parent / "anymal").glob("*.py") if not p.stem.startswith("_"))
     assert sorted(listed) == exported
+
+
+def _code_tokens(path: Path):
+    "The tokens of a module that are code (not strings or comments), outside the `__all__` list nbdev writes."
+    import io, tokenize
+    toks = list(tokenize.generate_tokens(io.StringIO(path.read_text()).readline))
+    skip_until = 0
+    for i, t in enumerate(toks):
+        if t.type == tokenize.NAME and t.string == "__all__" and t.start[1] == 0:
+            skip_until = next(u.end[0] for u in toks[i:] if u.type == tokenize.NEWLINE)
+        if t.start[0] <= skip_until: continue
+        if t.type in (tokenize.OP, tokenize.NAME, tokenize.NUMBER): yield t
+
+
+def test_library_lines_a_reader_can_take_in():
+    "One statement per line (no `;` chains) and no code past 120 characters in anymal/ (long strings and docstrings aside)."
+    semis, wide = [], []
+    for p in sorted((NBS.parent / "anymal").glob("[a-z]*.py")):
+        for t in _code_tokens(p):
+            if t.string == ";": semis.append(f"{p.name}:{t.start[0]}")
+            if t.end[1] > 120: wide.append(f"{p.name}:{t.start[0]}")
+    assert not semis, f"statements chained with ';' (one per line, please): {semis[:10]}"
+    assert not sorted(set(wide)), f"code past column 120: {sorted(set(wide))[:10]}"
