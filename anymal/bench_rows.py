@@ -171,7 +171,7 @@ class Packing:
         return args, kwargs
     def remove(self): self.hook.remove()
 
-# %% ../nbs/25_bench_rows.ipynb #9309a261
+# %% ../nbs/25_bench_rows.ipynb #a32a7a46
 def _dropouts(llm: nn.Module) -> dict:
     return {
         m: dict(m.lora_dropout) for m in llm.modules() if isinstance(getattr(m, "lora_dropout", None), nn.ModuleDict)
@@ -195,7 +195,6 @@ def restore(model: AnyMAL, snap: dict, device) -> None:
     else:
         base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         for i, layer in enumerate(_layers(model.llm)): layer.gradient_checkpointing = i in layers
-    for layer in _layers(model.llm): layer._compiled_call_impl = None
     unfuse_lora(model.llm)
     model.ce_fn = None
     params = dict(model.named_parameters())
@@ -204,9 +203,9 @@ def restore(model: AnyMAL, snap: dict, device) -> None:
     model.zero_grad(set_to_none=True)
 
 def group_key(r: Recipe) -> tuple:
-    "Rows with the same key can share one loaded model: stage, form, whether the NF4 weights get dequantized, kernels."
+    "Rows with the same key can share one loaded model: stage, form, dequantized NF4, kernels, compiled layers (none undoable)."
     s = row_settings(r)
-    return r.stage, r.form, s.dequant_once, s.kernels
+    return r.stage, r.form, s.dequant_once, s.kernels, r.compile
 
 # %% ../nbs/25_bench_rows.ipynb #063b1d91
 def linear_params(m: nn.Module) -> int:
