@@ -212,7 +212,7 @@ def torchrun_stage(cfg: Config, # a stage config; `train.batch_size` is each pro
                            f"--resume. Command: {' '.join(cmd)}")
     return out / "final"
 
-# %% ../nbs/16_stages.ipynb #5206f039
+# %% ../nbs/16_stages.ipynb #850fc0be
 def resolve_stage_config(preset_name: str = "tiny", # a preset (`PRESETS`), used when `config` is empty
                          config: str = "", # a JSON config: a file or its text
                          stage: int | None = None, # the stage (default: the config's `train.stage`)
@@ -235,10 +235,12 @@ def train_main(argv: list[str] | None = None) -> int:
     args = add_config_args(ap).parse_args(argv)
     cfg = resolve_stage_config(args.preset, args.config or "", args.stage, args.sets)
     progress = not args.no_progress
-    if cfg.standins.enabled and not (cfg.vision.pretrained and cfg.llm.path):
-        print("stand-ins: the tiny CLIP and tiny LLaMA (trained once, then found in the cache)", file=sys.stderr)
-        cfg = with_standins(cfg, progress=progress)
-    try: final = run_stage(cfg, resume=args.resume, progress=progress)
+    try:
+        check_stage(cfg)  # refused before anything is trained, the stand-ins included
+        if cfg.standins.enabled and not (cfg.vision.pretrained and cfg.llm.path):
+            print("stand-ins: the tiny CLIP and tiny LLaMA (trained once, then found in the cache)", file=sys.stderr)
+            cfg = with_standins(cfg, progress=progress)
+        final = run_stage(cfg, resume=args.resume, progress=progress)
     except StageError as e: ap.error(str(e))
     print(json.dumps({"stage": cfg.train.stage, "final": str(final), "out_dir": cfg.train.out_dir}))
     return 0

@@ -119,3 +119,4 @@ def test_cli_stage2_guard(world, tmp_path):
     r = _cli("train", "--stage", "2", "--no-progress", *sets, env=dict(os.environ))
     assert r.returncode == 2 and "random resampler" in r.stderr and "allow_random_resampler" in r.stderr  # argparse usage error
     assert "Traceback" not in r.stderr  # a user mistake is one line, not a stack
+    assert "stand-ins" not in r.stderr  # refused before anything was built or trained
