@@ -35,10 +35,9 @@ def _resolve(name: str):
     mod, fn = target.split(":")
     return getattr(importlib.import_module(mod), fn)
 
-# %% ../nbs/23_cli.ipynb #7e57925d
-def _describe(cfg) -> dict | None:
-    try: from anymal.model import describe
-    except ImportError: return None
+# %% ../nbs/23_cli.ipynb #246f69d7
+def _describe(cfg) -> dict:
+    from anymal.model import describe  # here, not at the top: `anymal --help` need not import the model stack
     return describe(cfg)
 
 def info_main(argv: list[str] | None = None) -> int:
@@ -49,7 +48,7 @@ def info_main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     cfg = config_from_args(args)
     out = {"config": to_dict(cfg)}
-    if not args.no_model and (d := _describe(cfg)) is not None: out["model"] = d
+    if not args.no_model: out["model"] = _describe(cfg)
     if args.json: print(json.dumps(out, indent=2))
     else:
         for sec, vals in out["config"].items():
