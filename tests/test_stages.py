@@ -120,3 +120,11 @@ def test_cli_stage2_guard(world, tmp_path):
     assert r.returncode == 2 and "random resampler" in r.stderr and "allow_random_resampler" in r.stderr  # argparse usage error
     assert "Traceback" not in r.stderr  # a user mistake is one line, not a stack
     assert "stand-ins" not in r.stderr  # refused before anything was built or trained
+
+
+def test_same_seed_same_run(world, tmp_path):
+    "Two stage-1 runs with the same `train.seed` log the same losses: the seed is set before the resampler is built."
+    from anymal.stages import stage_config
+    for i in (0, 1): train(stage_config(tiny(), 1, _sets(world, tmp_path / f"r{i}", "train.steps=3", "train.log_every=1")),
+                          progress=False)
+    assert _train_losses(tmp_path / "r0") == _train_losses(tmp_path / "r1")
