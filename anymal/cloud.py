@@ -61,12 +61,13 @@ def job_config(cfg: Config, run_name: str = "") -> tuple[Config, str]:
             "train.init_from": _on_volume(cfg.train.init_from, "runs")}
     return override(cfg, [f"{k}={json.dumps(v)}" for k, v in sets.items()]), name
 
-# %% ../nbs/24_cloud.ipynb #6ebf9121
+# %% ../nbs/24_cloud.ipynb #82a5ce63
 def load_config(config: str = "full", sets: str = "") -> Config:
     "A config from a preset name (with its stage recipe), JSON text or a JSON file, plus space-separated `key=value` overrides."
     from anymal.stages import resolve_stage_config
-    config = config.strip()
-    return resolve_stage_config(*((config, "") if config in PRESETS else ("tiny", config)), sets=shlex.split(sets))
+    config, sets = config.strip(), shlex.split(sets)
+    if config in PRESETS: return resolve_stage_config(preset_name=config, sets=sets)
+    return resolve_stage_config(config=config, sets=sets)
 
 # %% ../nbs/24_cloud.ipynb #fa1eb360
 GPU_TYPES = ("T4", "L4", "A10G", "L40S", "A100-40GB", "A100-80GB", "H100", "H200", "B200")

@@ -13,17 +13,19 @@ from huggingface_hub.constants import HF_HUB_CACHE
 # %% auto #0
 __all__ = ['require_files', 'resolve_llm_path']
 
-# %% ../nbs/01_hub.ipynb #57ae4d0e
+# %% ../nbs/01_hub.ipynb #bcd45d6b
 def _llm_missing(
     path: str, why: str = "", cache_dir: str | None = None, what: str = "LLM checkpoint"
 ) -> FileNotFoundError:
     hub = "/" in path and not path.startswith(("/", ".", "~")) and not Path(path).expanduser().exists()
-    fix = (f"It is not in the local HF cache ({cache_dir or HF_HUB_CACHE}); anymal never downloads. "
-            f"If it is gated (Meta's LLaMA is), accept its license on https://huggingface.co/{path}, log in "
-            f"(`hf auth login` or HF_TOKEN), then run `hf download {path}` once.") if hub else \
-           "Point llm.path (llm.tokenizer) at a folder in save_pretrained's layout."
-    return FileNotFoundError(f"{what} {path!r} not found{': ' + why if why else ''}. {fix} "
-                             f"Or set llm.path='' for a random model of the configured shape.")
+    if hub:
+        fix = (f"It is not in the local HF cache ({cache_dir or HF_HUB_CACHE}); anymal never downloads. "
+               f"If it is gated (Meta's LLaMA is), accept its license on https://huggingface.co/{path}, log in "
+               f"(`hf auth login` or HF_TOKEN), then run `hf download {path}` once.")
+    else:
+        fix = "Point llm.path (llm.tokenizer) at a folder in save_pretrained's layout."
+    if what == "LLM checkpoint": fix += " Or set llm.path='' for a random model of the configured shape."
+    return FileNotFoundError(f"{what} {path!r} not found{': ' + why if why else ''}. {fix}")
 
 def require_files(folder: Path, path: str, names: list, globs: list = (), what: str = "LLM checkpoint") -> Path:
     "`folder` if it holds all of `names` and something matching one of `globs`; else the one clear error."

@@ -36,8 +36,8 @@ from anymal.world import (
 # %% auto #0
 __all__ = ['STANDINS_VERSION', 'LLM_SHAPE', 'VISION_SHAPE', 'cache_key', 'clip_text_ids', 'caption_pairs', 'load_pixels',
            'clip_loss', 'train_tiny_clip', 'scene_chats', 'text_scenes', 'lm_documents', 'pack', 'doc_rows',
-           'lm_batches', 'lm_loss', 'train_tiny_llama', 'world_tokenizer_dir', 'StandinsMissing', 'with_standins',
-           'standins_main']
+           'lm_batches', 'lm_loss', 'train_tiny_llama', 'world_tokenizer_dir', 'StandinsMissing', 'needs_standins',
+           'with_standins', 'standins_main']
 
 # %% ../nbs/15_standins.ipynb #163173b4
 STANDINS_VERSION = 2  # bump when the stand-ins' training code changes what it produces: old cache entries stop matching
@@ -266,7 +266,7 @@ def train_tiny_llama(cfg: Config, world_root, tok, progress: bool = True, log: C
         if log: log(dict(step=step + 1, loss=loss.item(), lr=sched.get_last_lr()[0]))
     return model.cpu().eval()
 
-# %% ../nbs/15_standins.ipynb #b475fa46
+# %% ../nbs/15_standins.ipynb #8e1d25d9
 def _entry_builder(kind: str, cfg: Config, root: Path, tok, progress: bool) -> Callable:
     "build(d) for the cache entry of the tiny CLIP (`kind='clip'`) or tiny LLaMA (`kind='llm'`), with its log."
     def build(d):
@@ -291,11 +291,15 @@ def world_tokenizer_dir(cfg: Config) -> Path:
 class StandinsMissing(FileNotFoundError):
     "The stand-ins a config needs are not in the cache (and the caller asked not to train them)."
 
+def needs_standins(cfg: Config) -> bool:
+    "Whether `cfg` wants tiny stand-ins it does not name yet (tiny scale, `vision.pretrained` or `llm.path` unset)."
+    return cfg.standins.enabled and not (cfg.vision.pretrained and cfg.llm.path)
+
 def with_standins(cfg: Config,
                   build: bool = True, # train the stand-ins that are not cached (False: a `StandinsMissing` error)
                   progress: bool = True) -> Config:
     "`cfg` with the cached tiny CLIP (`vision.pretrained`) and tiny LLaMA (`llm.path`) filled in."
-    if not cfg.standins.enabled or (cfg.vision.pretrained and cfg.llm.path): return cfg
+    if not needs_standins(cfg): return cfg
     root, tdir = Path(cfg.data.root), world_tokenizer_dir(cfg)
     world_info(root)  # a clear error if there is no world
     tok = load_tokenizer(tdir)

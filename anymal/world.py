@@ -311,7 +311,7 @@ def lm_lines(rec: dict) -> list[str]:
     d = rec["description"]
     return [f"{d} {c}" for c in rec["captions"][1:]] + [f"{d} {q['question']} {q['answer']}" for q in rec["qa"]]
 
-# %% ../nbs/07_world.ipynb #64d04c01
+# %% ../nbs/07_world.ipynb #9fc78eab
 def _dump(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj))
@@ -399,12 +399,8 @@ def ensure_world(cfg: Config, root) -> Config:
     cfg = override(cfg, [f"data.root={root}"])
     if (root / WORLD_JSON).exists() and (root / TOKENIZER_DIR / "tokenizer.json").exists():
         w = world_info(root)
-        if (w["seed"], w["image_size"], w["splits"]["train"]["images"]) == (
-            d.world_seed,
-            d.world_image_size,
-            d.world_images,
-        ):
-            return cfg
+        asked = (d.world_seed, d.world_image_size, d.world_images)
+        if (w["seed"], w["image_size"], w["splits"]["train"]["images"]) == asked: return cfg
     generate_world(root, cfg)
     train_tokenizer(iter_world_text(root), cfg.llm.vocab_size, root / TOKENIZER_DIR)
     return cfg
