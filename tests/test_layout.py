@@ -6,10 +6,10 @@ NBS = Path(__file__).resolve().parent.parent / "nbs"
 IMPORT = re.compile(r"^\s*(?:from\s+anymal\.(\w+)|import\s+anymal\.(\w+))", re.M)
 
 
-def _notebooks() -> list[tuple[str, str, str]]:
+def _notebooks(folder: Path = NBS) -> list[tuple[str, str, str]]:
     "(notebook name, module it exports, its code) for every numbered notebook, in file order."
     out = []
-    for p in sorted(NBS.glob("[0-9]*.ipynb")):
+    for p in sorted(folder.glob("[0-9]*.ipynb")):
         cells = json.loads(p.read_text())["cells"]
         code = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
         m = re.search(r"^#\|\s*default_exp\s+(\S+)", code, re.M)
@@ -26,8 +26,9 @@ def test_each_notebook_exports_one_module_of_its_own():
     assert [n[:2] for n, _, _ in nbs] == [f"{i:02d}" for i in range(len(nbs))], "numbers run 00, 01, ... without gaps"
 
 
-def test_notebooks_import_only_what_earlier_notebooks_export():
-    nbs = _notebooks()
+def late_imports(folder: Path = NBS) -> list[str]:
+    "Each import of a module that a later notebook exports (an unknown module is an error)."
+    nbs = _notebooks(folder)
     where = {mod: i for i, (_, mod, _) in enumerate(nbs)}
     late = []
     for i, (name, mod, code) in enumerate(nbs):
@@ -35,18 +36,20 @@ def test_notebooks_import_only_what_earlier_notebooks_export():
             used = a or b
             assert used in where, f"{name} imports anymal.{used}, which no notebook exports"
             if used != mod and where[used] > i: late.append(f"{name} imports anymal.{used} ({nbs[where[used]][0]})")
+    return late
+
+
+def test_notebooks_import_only_what_earlier_notebooks_export():
+    late = late_imports()
     assert not late, "a notebook imports a module exported by a later notebook:\n" + "\n".join(late)
 
 
-def test_the_order_check_catches_a_late_import(tmp_path, monkeypatch):
-    "The check above fails when a notebook imports from a later one (here: config importing the trainer)."
+def test_the_order_check_catches_a_late_import(tmp_path):
+    "The check above finds a notebook that imports from a later one."
     for name, body in [("00_a.ipynb", "#| default_exp a\nfrom anymal.b import x"), ("01_b.ipynb", "#| default_exp b")]:
         nb = {"cells": [{"cell_type": "code", "source": [body], "metadata": {}, "outputs": []}]}
         (tmp_path / name).write_text(json.dumps(nb))
-    monkeypatch.setattr(__import__(__name__), "NBS", tmp_path)
-    try: test_notebooks_import_only_what_earlier_notebooks_export()
-    except AssertionError as e: assert "00_a.ipynb imports anymal.b" in str(e)
-    else: raise AssertionError("a late import was not caught")
+    assert late_imports(tmp_path) == ["00_a.ipynb imports anymal.b (01_b.ipynb)"]
 
 
 def test_readme_layout_lists_the_modules_in_reading_order():
