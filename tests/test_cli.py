@@ -37,3 +37,11 @@ def test_failing_notebook_cell_fails_nbdev_test(tmp_path):
     (d / "broken.ipynb").write_text(json.dumps(nb))
     r = subprocess.run([str(BIN / "nbdev-test"), str(d)], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode != 0 and "broken.ipynb" in (r.stdout + r.stderr)
+
+
+def test_help_prints_no_bitsandbytes_message():
+    "bitsandbytes' 'Failed to load CPU gemm_4bit_forward from kernels-community' is dropped (anymal.llm)."
+    for args in (["--help"], ["train", "--help"], ["chat", "--help"]):
+        r = run(*args)
+        assert r.returncode == 0 and "usage: anymal" in r.stdout, r.stderr
+        assert r.stderr == "", r.stderr
