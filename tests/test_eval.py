@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 import anymal.metrics as ev
+from anymal.config import DataError
 from anymal.metrics import (caption_metrics, evaluate_captions, evaluate_vqa, spice_available, vqa_accuracy,
                          vqa_score)
 
@@ -159,8 +160,11 @@ def test_vqa_accuracy_reads_files_and_refuses_bad_results(tmp_path):
         vqa_accuracy([{"question_id": 1, "answer": 3}], qs, {"annotations": anns})
     with pytest.raises(FileNotFoundError, match="results file not found"):
         vqa_accuracy(tmp_path / "nope.json", qs, {"annotations": anns})
-    with pytest.raises(KeyError, match="'annotations' list"):
+    with pytest.raises(DataError, match="annotations: expected a JSON object with a 'annotations' list"):
         vqa_accuracy(results, qs, {"questions": []})
+    (tmp_path / "a.json").write_text("{")
+    with pytest.raises(DataError, match=f"annotations file {tmp_path / 'a.json'} is not JSON"):
+        vqa_accuracy(results, qs, tmp_path / "a.json")
 
 
 # ---- the evaluator and its controls -------------------------------------------------------------------------------
@@ -261,7 +265,7 @@ def test_evaluate_vqa_default_coco_naming_limit_and_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown control 'noise'"):
         evaluate_vqa(fn, qs, anns, tmp_path, control="noise")
     bad = {"questions": [{"question_id": 10, "question": "?"}]}
-    with pytest.raises(KeyError, match=r"question lacks \['image_id'\]"):
+    with pytest.raises(DataError, match=r"questions: question #0 \(question_id 10\) lacks \['image_id'\]"):
         evaluate_vqa(fn, bad, anns, tmp_path)
 
 
