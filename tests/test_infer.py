@@ -10,6 +10,7 @@ from PIL import Image
 from anymal.config import tiny, override
 from anymal.data import Collator, build_dataset
 from anymal.metrics import vqa_prompt
+from anymal.cli import main
 from anymal.infer import Assistant, Chat, chat_main, make_answer_fn
 from anymal.llm import random_llm
 from anymal.model import AnyMAL
@@ -168,8 +169,8 @@ def test_bad_image_is_one_clear_line(trained, tmp_path, capsys):
     assert r.stderr.strip().splitlines()[-1] == "anymal chat: error: image file 'missing.png' not found"
     assert "Traceback" not in r.stderr
     bad = tmp_path / "broken.png"; bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
-    assert chat_main(["--checkpoint", str(trained["run"]), "--image", str(bad), "--prompt", "hi"]) == 1
+    assert main(["chat", "--checkpoint", str(trained["run"]), "--image", str(bad), "--prompt", "hi"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"anymal chat: error: '{bad}' is not a readable image")
-    assert chat_main(["--checkpoint", str(tmp_path / "nowhere"), "--prompt", "hi"]) == 1
+    assert main(["chat", "--checkpoint", str(tmp_path / "nowhere"), "--prompt", "hi"]) == 1
     assert "anymal chat: error: no checkpoint at" in capsys.readouterr().err

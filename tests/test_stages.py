@@ -109,15 +109,17 @@ def test_cli_train_and_resume(world, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     steps = [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines() if json.loads(l)["split"] == "train"]
     assert steps == sorted(steps) and steps[-1] == 6
-    # without --resume an existing run is not overwritten
+    # without --resume an existing run is not overwritten: one line naming the folder and what to do
     r = _cli("train", "--stage", "1", "--no-progress", *sets, env=env)
-    assert r.returncode != 0 and "resume" in r.stderr
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert r.stderr.splitlines()[-1].startswith(f"anymal train: error: {out} has checkpoints of an earlier run")
+    assert "(--resume) to continue it" in r.stderr.splitlines()[-1]
 
 
 def test_cli_stage2_guard(world, tmp_path):
     sets = [a for s in _sets(world, tmp_path / "x", "train.init_from=") for a in ("--set", s)]
     r = _cli("train", "--stage", "2", "--no-progress", *sets, env=dict(os.environ))
-    assert r.returncode == 2 and "random resampler" in r.stderr and "allow_random_resampler" in r.stderr  # argparse usage error
+    assert r.returncode == 1 and "random resampler" in r.stderr and "allow_random_resampler" in r.stderr
     assert "Traceback" not in r.stderr  # a user mistake is one line, not a stack
     assert "stand-ins" not in r.stderr  # refused before anything was built or trained
 
@@ -128,3 +130,31 @@ def test_same_seed_same_run(world, tmp_path):
     for i in (0, 1): train(stage_config(tiny(), 1, _sets(world, tmp_path / f"r{i}", "train.steps=3", "train.log_every=1")),
                           progress=False)
     assert _train_losses(tmp_path / "r0") == _train_losses(tmp_path / "r1")
+
+
+def _error_line(r) -> str:
+    "The one line a user error leaves on stderr (after any progress output), with no traceback."
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    lines = r.stderr.splitlines()
+    i = next(i for i, l in enumerate(lines) if l.startswith("anymal train: error: "))
+    assert all(l.startswith("  ") for l in lines[i + 1:]), lines[i:]  # only its own indented details follow
+    return "\n".join(lines[i:])
+
+
+def test_cli_bad_record_and_checkpoint_mismatch_are_one_line(world, tmp_path):
+    "A malformed LLaVA record (skip_bad=false) and a stage-1 checkpoint of another shape: one error each, no traceback."
+    from anymal.stages import stage_config
+    src = json.loads((world / "llava" / "llava_instruct_train.json").read_text())
+    src[3]["conversations"][1]["from"] = "robot"
+    (tmp_path / "bad_train.json").write_text(json.dumps(src))
+    sets = [a for s in _sets(world, tmp_path / "bad", "train.steps=2", "train.allow_random_resampler=true",
+                             f"data.instruct_json={tmp_path}/bad_{{split}}.json") for a in ("--set", s)]
+    err = _error_line(_cli("train", "--stage", "2", "--no-progress", *sets, env=dict(os.environ)))
+    assert err.startswith(f"anymal train: error: bad_train.json#3 (id={src[3].get('id')}): turn 1 is not"), err
+
+    s1 = train(stage_config(tiny(), 1, _sets(world, tmp_path / "s1", "train.steps=2")), progress=False)
+    sets = [a for s in _sets(world, tmp_path / "s2", "train.steps=2", f"train.init_from={s1}", "resampler.latents=8")
+            for a in ("--set", s)]
+    err = _error_line(_cli("train", "--stage", "2", "--no-progress", *sets, env=dict(os.environ)))
+    assert err.startswith(f"anymal train: error: checkpoint {s1} does not fit this model:\n  "), err
+    assert "resampler.latents" in err
