@@ -21,10 +21,10 @@ class DataError(UserError, ValueError):
 
 # %% auto #0
 __all__ = ['PRESETS', 'SIZE', 'COUNT', 'DROPOUT', 'BETAS', 'RULES', 'UserError', 'ConfigError', 'DataError', 'VisionConfig',
-           'ResamplerConfig', 'LLMConfig', 'LoRAConfig', 'DataConfig', 'TrainConfig', 'StandinsConfig', 'Config',
-           'full', 'tiny', 'preset', 'Rule', 'at_least', 'above', 'between', 'one_of', 'check_config', 'to_dict',
-           'from_dict', 'read_json', 'to_json', 'from_json', 'override', 'add_config_args', 'config_from_args',
-           'positive_int']
+           'ResamplerConfig', 'LLMConfig', 'LoRAConfig', 'DataConfig', 'TrainConfig', 'StandinsConfig', 'StageConfig',
+           'Config', 'for_stage', 'full', 'tiny', 'preset', 'Rule', 'at_least', 'above', 'between', 'one_of',
+           'check_config', 'to_dict', 'from_dict', 'read_json', 'to_json', 'from_json', 'override', 'stage_config',
+           'add_config_args', 'config_from_args', 'positive_int']
 
 # %% ../nbs/00_config.ipynb #7178daee
 @dataclass
@@ -185,7 +185,18 @@ class StandinsConfig:
     )
     warmup: int = 20               # linear warm-up steps of both, then cosine to 10%
 
-# %% ../nbs/00_config.ipynb #172f373a
+# %% ../nbs/00_config.ipynb #ba4a1e25
+@dataclass
+class StageConfig:
+    "What differs between stage 1 and stage 2 of a preset; `stage_config` copies it into `train`."
+    out_dir: str = "runs/anymal/stage1"  # the stage's run folder
+    init_from: str = ""  # stage 2 starts from the stage-1 run's resampler
+    steps: int = 2000  # optimizer steps
+    lr: float = 2e-4  # resampler LR (the paper: 2e-4 in stage 1, 1e-5 in stage 2)
+    lora_lr: float = 1e-5  # LoRA LR (stage 2 only; the paper: 1e-5)
+    save_every: int = 500  # checkpoint interval (steps)
+
+# %% ../nbs/00_config.ipynb #57dad081
 @dataclass
 class Config:
     "Everything one AnyMAL run needs."
@@ -197,33 +208,62 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     standins: StandinsConfig = field(default_factory=StandinsConfig)
+    stage1: StageConfig = field(default_factory=StageConfig)  # align the resampler on captions
+    stage2: StageConfig = field(default_factory=lambda: StageConfig(out_dir="runs/anymal/stage2",
+                                                                    init_from="runs/anymal/stage1", lr=1e-5))
 
-# %% ../nbs/00_config.ipynb #0fd59935
+# %% ../nbs/00_config.ipynb #10749a4c
+def for_stage(cfg: Config, stage: int) -> Config:
+    "A copy of `cfg` whose `train` section runs `stage`: the stage's section (`stage1`/`stage2`) copied into it."
+    if stage not in (1, 2): raise ConfigError(f"train.stage must be 1 or 2, got {stage!r}")
+    sec = asdict(getattr(cfg, f"stage{stage}"))
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, stage=stage, **sec))
+
 def full() -> Config:
     "The real shapes: CLIP ViT-L/14 `openai`, 6x64 resampler, LLaMA-3-8B-Instruct in NF4 with LoRA r=64."
-    c = Config(preset="full")
+    c = Config(preset="full", stage1=StageConfig(out_dir="runs/full/stage1"),
+               stage2=StageConfig(out_dir="runs/full/stage2", init_from="runs/full/stage1", lr=1e-5))
     c.llm.path = "meta-llama/Meta-Llama-3-8B-Instruct"
     c.train.mode = (
         "small"  # issue 9: less than half the memory of the standard QLoRA recipe, and no slower (docs/performance.md)
     )
-    return c
+    return for_stage(c, 1)
 
 def tiny() -> Config:
-    "A laptop-CPU AnyMAL for the shapes world: a 1-layer CLIP tower, a 2-layer LLaMA, fp32, no quantization."
-    return Config(
+    "The laptop-CPU AnyMAL that learns the shapes world: 1-layer CLIP tower, 2-layer LLaMA, both pretrained here."
+    # Every value below is what `anymal demo` trains; docs/tiny-recipe.md has the runs behind each comment.
+    c = Config(
         preset="tiny",
-        vision=VisionConfig(model="anymal-tiny-clip", pretrained="", image_size=64, patch_size=8, width=128,
-                            layers=1, head_width=32, embed_dim=64, text_width=64, text_layers=2, text_heads=4,
-                            context_length=32, vocab_size=512),
+        vision=VisionConfig(model="anymal-tiny-clip", pretrained="", image_size=64,
+                            patch_size=4,  # 256 patches: outlines survive (8 px: a lone shape named 61% right)
+                            width=128, layers=1, head_width=32, embed_dim=64, text_width=64, text_layers=2,
+                            text_heads=4, context_length=32, vocab_size=512),
         resampler=ResamplerConfig(latents=16, layers=2, heads=4, dim_head=32, ff_mult=2),
         llm=LLMConfig(hidden=128, layers=2, heads=4, kv_heads=2, intermediate=384, vocab_size=512,
-                      max_positions=256, rope_theta=10000.0, quant="none", dtype="float32", grad_ckpt=False),
+                      max_positions=256, rope_theta=10000.0, quant="none", dtype="float32", grad_ckpt=False,
+                      attn="eager"),  # rows of ~160 tokens: plain matmul attention beats SDPA's CPU kernel
         lora=LoRAConfig(r=64, alpha=64, dropout=0.0),  # half the width: at this size LoRA is nearly full fine-tuning
         data=DataConfig(root="data/world", max_len=160, num_workers=0, world_images=4000, world_val_images=500),
-        train=TrainConfig(out_dir="runs/tiny", steps=300, batch_size=32, grad_accum=1, lr=1e-3, lora_lr=1e-3,
-                          warmup=20, eval_every=100, eval_batches=4, save_every=100, log_every=10, cache_features=True),
-        standins=StandinsConfig(enabled=True),
+        train=TrainConfig(batch_size=32, grad_accum=1, warmup=20, eval_every=100, eval_batches=4, log_every=10,
+                          cache_features=True,  # the tower is frozen: encode each image once
+                          cpu_bf16=True),  # where the CPU has native bf16: ~1.3-1.5x a step (fp32 elsewhere)
+        standins=StandinsConfig(
+            enabled=True,
+            clip_batch=64,
+            clip_lr=1e-4,  # a light contrastive pass: at 1e-3 the tower loses shape (54.9% vs 62.3% with a random one)
+            lm_steps=1500,  # lookup in the context appears after ~100,000 documents (1,000 steps: 64% on the probe)
+            lm_lr=1e-3,  # the tiny LLaMA learns to look things up at 1e-3, never at 3e-3
+            lm_scenes=16000,  # text-only scenes it cannot recall, only read (text probe 71.1% -> 78.9%)
+            lm_block=160,  # just longer than its longest document (158): attention costs a row's square
+            lm_bf16=True,  # as train.cpu_bf16: 0.258 -> 0.184 s a step at 2 threads
+        ),
+        # stage 1 long and fast (shorter or slower runs left the bridge unable to see shapes); stage 2 at 2e-3 for
+        # the resampler and LoRA alike (5e-3 learned more slowly)
+        stage1=StageConfig(out_dir="runs/tiny/stage1", steps=3000, lr=2e-3, lora_lr=2e-3, save_every=500),
+        stage2=StageConfig(out_dir="runs/tiny/stage2", init_from="runs/tiny/stage1", steps=1000, lr=2e-3,
+                           lora_lr=2e-3, save_every=250),
     )
+    return for_stage(c, 1)
 
 PRESETS = {"tiny": tiny, "full": full}
 
@@ -232,7 +272,7 @@ def preset(name: str) -> Config:
     if name not in PRESETS: raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     return PRESETS[name]()
 
-# %% ../nbs/00_config.ipynb #b8bada36
+# %% ../nbs/00_config.ipynb #fd1760d0
 class Rule(typing.NamedTuple):
     "What a config value must be: `ok(value)` says whether it is, `text` says it to the user."
     text: str
@@ -311,6 +351,8 @@ RULES = {  # config key -> what its value must be (one line per key; a key witho
     "standins.lm_format": one_of("chat", "plain"),
     "standins.lm_targets": one_of("assistant", "all"),
     "standins.warmup": COUNT,
+    **{f"stage{n}.{k}": r for n in (1, 2) for k, r in [("steps", SIZE), ("lr", COUNT), ("lora_lr", COUNT),
+                                                         ("save_every", at_least(0, "0: only after the last step"))]},
 }
 
 def _check(key: str, v):
@@ -327,7 +369,7 @@ def check_config(cfg: Config) -> Config:
         _check(key, v)
     return cfg
 
-# %% ../nbs/00_config.ipynb #2aa0ab62
+# %% ../nbs/00_config.ipynb #541fafb7
 def to_dict(cfg) -> dict:
     "A config as nested plain dicts (JSON-ready)."
     return asdict(cfg)
@@ -388,7 +430,7 @@ def from_json(s_or_path) -> Config:
     try: return from_dict(json.loads(s))
     except json.JSONDecodeError as e: raise ConfigError(f"the config text is not JSON: {e}") from None
 
-# %% ../nbs/00_config.ipynb #1ba2b5be
+# %% ../nbs/00_config.ipynb #331a4ba0
 def _parse_value(s: str):
     try: return json.loads(s)
     except json.JSONDecodeError: return s
@@ -418,7 +460,16 @@ def override(cfg: Config, sets=(), **kw) -> Config:
                 node, cls = node[p], tp
     return from_dict(d)
 
-# %% ../nbs/00_config.ipynb #c7ba885b
+# %% ../nbs/00_config.ipynb #27a3afb2
+def stage_config(cfg: Config, # a preset, or any config with `stage1`/`stage2` sections
+                 stage: int, # 1 or 2
+                 sets=()) -> Config: # the user's overrides (`train.*` ones win over the stage's section)
+    "`cfg` with `sets`, set up to run `stage`: its `stage{N}` section copied into `train`, then the `train.*` sets."
+    c = for_stage(override(cfg, sets), stage)
+    mine = [s for s in sets if s.split("=", 1)[0].strip().startswith("train.") and "train.stage=" not in s]
+    return override(c, mine)
+
+# %% ../nbs/00_config.ipynb #f7161615
 def add_config_args(parser, default_preset: str = "tiny"):
     "Add `--preset`, `--config` and `--set` to an argparse parser."
     parser.add_argument("--preset", choices=sorted(PRESETS), default=default_preset, help="starting preset")
