@@ -103,6 +103,22 @@ def test_from_pretrained_round_trip_is_identical(made, tmp_path):
     assert all(torch.equal(v, back.trainable_state_dict()[k]) for k, v in ref.trainable_state_dict().items())
 
 
+def test_a_qlora_checkpoint_round_trips(made, tmp_path):
+    "The full preset's form: LoRA on an NF4-quantized base (bitsandbytes' Linear4bit, here on the CPU)."
+    import anymal
+    from anymal.export import export
+    cfg = override(made["cfg"], ["llm.quant=nf4", "llm.dtype=bfloat16", "train.init_from="])
+    model = AnyMAL.build(cfg, made["tok"], stage=2)
+    assert type(model.llm.get_base_model().model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name: p.normal_(0, 0.05)
+    ckpt = save_checkpoint(tmp_path / "q" / "final", model, cfg, step=3, stage=2)
+    back = anymal.AnyMAL.from_pretrained(export(ckpt, tmp_path / "q-export"))
+    ids = torch.randint(0, cfg.llm.vocab_size, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(): assert torch.equal(back(ids).logits, load_for_inference(ckpt).model(ids).logits)
+
+
 def test_newer_format_and_non_exports_are_refused(made, tmp_path):
     import anymal
     from anymal.export import EXPORT_FORMAT, export
