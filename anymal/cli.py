@@ -12,7 +12,7 @@ from .config import Config, UserError, add_config_args, config_from_args, overri
 # %% auto #0
 __all__ = ['COMMANDS', 'PRESET_ARGS', 'CHECKPOINT_SETS', 'EXTRA_SETS', 'USER_ERRORS', 'info_main', 'check_config_args', 'main']
 
-# %% ../nbs/23_cli.ipynb #a30e6837
+# %% ../nbs/23_cli.ipynb #af290859
 COMMANDS = {  # subcommand -> "module:function"; each function takes argv (list of str) and returns an exit code
     "info": ("anymal.cli:info_main", "print the resolved config and model sizes"),
     "world": ("anymal.world:world_main", "write the synthetic shapes world"),
@@ -22,11 +22,12 @@ COMMANDS = {  # subcommand -> "module:function"; each function takes argv (list 
     ),
     "train": ("anymal.stages:train_main", "run one training stage"),
     "eval": ("anymal.evaluate:eval_main", "evaluate a checkpoint (VQAv2, captions, controls)"),
-    "chat": ("anymal.infer:chat_main", "ask a trained model about images"),
+    "chat": ("anymal.export:chat_main", "ask a trained model (a checkpoint or an export) about images"),
     "demo": ("anymal.demo:demo_main", "the whole tiny pipeline end to end"),
     "bench": ("anymal.bench:bench_main", "full-scale memory/throughput benchmark"),
     "plot": ("anymal.plots:plot_main", "plot loss/lr curves of runs"),
     "prepare": ("anymal.prepare:prepare_main", "download and lay out the full-scale datasets"),
+    "export": ("anymal.export:export_main", "write a checkpoint in Hugging Face formats with a model card; push it"),
 }
 
 def _resolve(name: str):

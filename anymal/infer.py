@@ -234,14 +234,16 @@ def _repl(chat: Chat, out=None) -> int:
         except KeyboardInterrupt: print("(interrupted)", file=out)  # Ctrl-C stops an answer, not the chat
         out.flush()
 
-# %% ../nbs/19_infer.ipynb #9934b5bb
+# %% ../nbs/19_infer.ipynb #b668a080
 def _chat_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="anymal chat", description="Ask a trained AnyMAL about images (interactive, or one --prompt)."
     )
-    p.add_argument(
-        "--checkpoint", required=True, help="checkpoint folder, or run folder (its final/, else its latest checkpoint)"
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument(
+        "--checkpoint", help="checkpoint folder, or run folder (its final/, else its latest checkpoint)"
     )
+    src.add_argument("--model", help="a folder written by `anymal export`, or its hub id (in the HF cache)")
     p.add_argument(
         "--image", action="append", default=[], metavar="PATH", help="an image for the first question (repeatable)"
     )
@@ -261,13 +263,18 @@ def _chat_parser() -> argparse.ArgumentParser:
                    help="override a field of the checkpoint's config, e.g. llm.path=/models/llama3 (repeatable)")
     return p
 
-def chat_main(argv: list[str] | None = None) -> int:
+def chat_main(argv: list[str] | None = None,
+              from_export: Callable | None = None, # (name, device, sets) -> Assistant: loads `--model`
+             ) -> int:
     "`anymal chat`: answer one `--prompt`, or chat interactively, about `--image` files with a checkpoint."
     a = _chat_parser().parse_args(argv)
     images = [open_image(p) for p in a.image]  # fail before the slow model load
-    asst = Assistant.from_checkpoint(a.checkpoint, a.device, a.sets)
+    if a.model is not None and from_export is None:
+        raise InputError("--model needs the exported-folder loader: run it as `anymal chat`")
+    load, src = (Assistant.from_checkpoint, a.checkpoint) if a.model is None else (from_export, a.model)
+    asst = load(src, a.device, a.sets)
     m = asst.meta
-    print(f"loaded {a.checkpoint} (stage {m.get('stage', '?')}, step {m.get('step', '?')}) on {asst.device}",
+    print(f"loaded {src} (stage {m.get('stage', '?')}, step {m.get('step', '?')}) on {asst.device}",
           file=sys.stderr)
     suffix = "\n" + asst.cfg.data.vqa_prompt if a.short else ""
     chat = Chat(asst, images, a.system, suffix, max_new_tokens=a.max_new_tokens, temperature=a.temperature,

@@ -18,7 +18,8 @@ from huggingface_hub.constants import HF_HUB_CACHE
 from .config import VisionConfig, ConfigError
 
 # %% auto #0
-__all__ = ['clip_model_cfg', 'clip_weights_path', 'load_clip_weights', 'build_clip', 'clip_preprocess', 'ImageEncoder']
+__all__ = ['clip_model_cfg', 'clip_weights_path', 'load_clip_weights', 'build_clip', 'preprocess_cfg', 'clip_preprocess',
+           'ImageEncoder']
 
 # %% ../nbs/03_vision.ipynb #51c49425
 _FIELDS = [  # (VisionConfig field, open_clip section, open_clip key)
@@ -124,16 +125,18 @@ def build_clip(vcfg: VisionConfig, # the vision section of a `Config`
     if path: load_clip_weights(model, path)
     return model
 
-# %% ../nbs/03_vision.ipynb #ac3a5c75
-def clip_preprocess(vcfg: VisionConfig):
-    "open_clip's eval transform for `vcfg`: PIL image -> normalised `(3, H, W)` tensor."
+# %% ../nbs/03_vision.ipynb #d34c0229
+def preprocess_cfg(vcfg: VisionConfig) -> PreprocessCfg:
+    "open_clip's preprocessing settings for `vcfg`: its pretrained tag's mean, std, interpolation and resize mode."
     tag = open_clip.get_pretrained_cfg(vcfg.model, vcfg.pretrained) if vcfg.pretrained else {}
     keys = ("mean", "std", "interpolation", "resize_mode")
-    return image_transform_v2(
-        PreprocessCfg(size=vcfg.image_size, **{k: tag[k] for k in keys if k in tag}), is_train=False
-    )
+    return PreprocessCfg(size=vcfg.image_size, **{k: tag[k] for k in keys if k in tag})
 
-# %% ../nbs/03_vision.ipynb #5e13db99
+def clip_preprocess(vcfg: VisionConfig):
+    "open_clip's eval transform for `vcfg`: PIL image -> normalised `(3, H, W)` tensor."
+    return image_transform_v2(preprocess_cfg(vcfg), is_train=False)
+
+# %% ../nbs/03_vision.ipynb #30b63ce8
 class ImageEncoder(nn.Module):
     "A frozen CLIP vision tower: pixels `(N, 3, H, W)` -> all tokens `(N, 1+P, Dv)` (CLS first)."
     def __init__(self, vcfg: VisionConfig, # the vision section of a `Config`
