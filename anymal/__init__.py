@@ -1,5 +1,7 @@
 __version__ = "0.1.0"
 
+from . import config  # light (the standard library only), and it silences bitsandbytes' harmless kernel notice
+
 
 def __getattr__(name: str):
     "`anymal.AnyMAL` and `anymal.Assistant` with `from_pretrained`, imported on first use: `import anymal` stays light."

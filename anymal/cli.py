@@ -61,9 +61,9 @@ def info_main(argv: list[str] | None = None) -> int:
         if "model" in out: print("[model]\n" + json.dumps(out["model"], indent=2))
     return 0
 
-# %% ../nbs/23_cli.ipynb #dc2d1537
+# %% ../nbs/23_cli.ipynb #97efe4ca
 PRESET_ARGS = {"info", "world", "standins", "train", "demo", "bench", "prepare"}  # --preset/--config/--set
-CHECKPOINT_SETS = {"eval", "chat"}  # --set, over a checkpoint's config
+CHECKPOINT_SETS = {"eval", "chat", "export"}  # --set, over a checkpoint's config
 EXTRA_SETS = {"demo": ("--stage1", "--stage2")}  # further overrides, applied after --set
 
 def check_config_args(name: str, # a subcommand

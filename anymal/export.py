@@ -553,7 +553,7 @@ def push_to_hub(folder, # a folder written by `export`
                       commit_message=f"anymal export of {info['name']} (stage {t['stage']}, step {t['step']})")
     return str(url)
 
-# %% ../nbs/27_export.ipynb #89f37798
+# %% ../nbs/27_export.ipynb #83b47bdb
 def _export_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="anymal export", description="Write a checkpoint as a folder others can load "
                                 "(peft adapter, bridge, tokenizer, processor config, model card); push it to the Hub.")
@@ -578,22 +578,21 @@ def _export_parser() -> argparse.ArgumentParser:
 
 def export_main(argv: list[str] | None = None) -> int:
     "`anymal export`: write a checkpoint as a shareable folder, optionally push it to the Hub."
-    a = _export_parser().parse_args(argv)
-    try:
-        token = require_hub_token() if a.push else None  # before the work
-        out = export(a.checkpoint, a.out, a.merge, a.name, a.sets, a.dataset, a.eval, a.license, a.push)
-        info = read_export(out)
-        notes = info["notes"] + ([name_note(info, a.push)] if a.push and name_note(info, a.push) else [])
-        for n in notes: print(f"anymal export: note: {n}", file=sys.stderr)
-        res = dict(out=str(out), name=info["name"],
-                   files=sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()))
-        if a.push: res["pushed"] = push_to_hub(out, a.push, token, a.private)
-        print(json.dumps(res, indent=1))
-        return 0
-    except (InputError, ConfigError, FileNotFoundError, CheckpointMismatch, HfHubHTTPError, httpx.TransportError) as e:
-        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        print(f"anymal export: error: {msg}", file=sys.stderr)
-        return 1
+    a = _export_parser().parse_args(argv)  # the user's mistakes are `UserError`s: `anymal.cli.main` prints them
+    token = require_hub_token() if a.push else None  # before the work
+    out = export(a.checkpoint, a.out, a.merge, a.name, a.sets, a.dataset, a.eval, a.license, a.push)
+    info = read_export(out)
+    notes = info["notes"] + ([name_note(info, a.push)] if a.push and name_note(info, a.push) else [])
+    for n in notes: print(f"anymal export: note: {n}", file=sys.stderr)
+    res = dict(out=str(out), name=info["name"],
+               files=sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()))
+    if a.push:
+        try: res["pushed"] = push_to_hub(out, a.push, token, a.private)
+        except (HfHubHTTPError, httpx.TransportError) as e:  # the Hub refused or could not be reached
+            msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ExportError(f"pushing {out} to {a.push} failed: {msg}") from e
+    print(json.dumps(res, indent=1))
+    return 0
 
 def chat_main(argv: list[str] | None = None) -> int:
     "`anymal chat`: `anymal.infer.chat_main`, with `--model` loading an exported folder or hub id."

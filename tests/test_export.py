@@ -76,13 +76,14 @@ def test_adapter_loads_with_plain_peft_and_merges(made):
     assert conf["base_model_name_or_path"] == str(root / "llm") and conf["r"] == made["cfg"].lora.r
     ids = torch.randint(0, made["cfg"].llm.vocab_size, (3, 17), generator=torch.Generator().manual_seed(0))
     want = _logits(made["ref"].llm, ids)  # the checkpoint's LoRA model, as anymal loads it
-    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(root / "llm"), out)  # peft, nothing else
+    attn = dict(attn_implementation=made["cfg"].llm.attn)  # the attention kernel anymal runs (bit-equal logits)
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(root / "llm", **attn), out)  # peft only
     assert torch.equal(_logits(plain, ids), want)
     merged = plain.merge_and_unload()
     torch.testing.assert_close(_logits(merged, ids), want, rtol=0, atol=1e-5)  # fp32 noise of W + BA
-    written = AutoModelForCausalLM.from_pretrained(out / "merged")  # what --merge wrote
+    written = AutoModelForCausalLM.from_pretrained(out / "merged", **attn)  # what --merge wrote
     torch.testing.assert_close(_logits(written, ids), want, rtol=0, atol=1e-5)
-    base = AutoModelForCausalLM.from_pretrained(root / "llm")
+    base = AutoModelForCausalLM.from_pretrained(root / "llm", **attn)
     assert (_logits(base, ids) - want).abs().max() > 1e-3  # the adapter changes the logits: the checks above bite
 
 
