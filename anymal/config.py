@@ -144,7 +144,7 @@ class DataConfig:
     world_image_size: int = 64     # rendered resolution
     world_seed: int = 0            # the world is a pure function of its config and this seed
 
-# %% ../nbs/00_config.ipynb #6d991543
+# %% ../nbs/00_config.ipynb #43333917
 @dataclass
 class TrainConfig:
     "One training run (either stage)."
@@ -165,6 +165,8 @@ class TrainConfig:
     eval_every: int = 200          # validation-loss interval (steps)
     eval_batches: int = 20         # batches per validation
     save_every: int = 500          # checkpoint interval (steps)
+    keep_last: int = 2             # step checkpoints kept, the newest (0: all). Two: if the newest turns out bad
+                                   # (a loss spike), one before it remains; at full scale each is ~3 GB with AdamW
     log_every: int = 10            # metrics.jsonl / W&B interval (steps)
     seed: int = 0  # everything random derives from this
     mode: str = "standard"  # "standard" (as built), "small" (least memory) or "fast" (throughput): see anymal.modes
