@@ -124,14 +124,6 @@ def test_cli_stage2_guard(world, tmp_path):
     assert "stand-ins" not in r.stderr  # refused before anything was built or trained
 
 
-def test_same_seed_same_run(world, tmp_path):
-    "Two stage-1 runs with the same `train.seed` log the same losses: the seed is set before the resampler is built."
-    from anymal.stages import stage_config
-    for i in (0, 1): train(stage_config(tiny(), 1, _sets(world, tmp_path / f"r{i}", "train.steps=3", "train.log_every=1")),
-                          progress=False)
-    assert _train_losses(tmp_path / "r0") == _train_losses(tmp_path / "r1")
-
-
 def _error_line(r) -> str:
     "The one line a user error leaves on stderr (after any progress output), with no traceback."
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
@@ -158,3 +150,83 @@ def test_cli_bad_record_and_checkpoint_mismatch_are_one_line(world, tmp_path):
     err = _error_line(_cli("train", "--stage", "2", "--no-progress", *sets, env=dict(os.environ)))
     assert err.startswith(f"anymal train: error: checkpoint {s1} does not fit this model:\n  "), err
     assert "resampler.latents" in err
+
+
+TIMING = ("time", "tokens_per_s")  # the only fields of a metrics record that may differ between equal runs
+
+
+def _records(run) -> list[dict]:
+    "Every record of a run's metrics.jsonl, train and val, without its timing fields."
+    from anymal.runlog import read_metrics
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in read_metrics(run)]
+
+
+def test_same_seed_same_run(world, tmp_path):
+    """Same `train.seed`: the same metrics.jsonl, every train and val record, in stage 1 and in stage 2 (LoRA): the seed
+    is set before the resampler and the adapters are built. Another seed: other losses."""
+    from anymal.stages import stage_config
+    sets = ["train.steps=4", "train.log_every=1", "train.eval_every=2"]
+    def run(stage, name, seed, *extra):
+        train(stage_config(tiny(), stage, _sets(world, tmp_path / name, *sets, f"train.seed={seed}", *extra)),
+              progress=False)
+        return _records(tmp_path / name)
+    s1 = [run(1, f"s1-{i}", seed) for i, seed in enumerate((0, 0, 1))]  # seed 1: its own stand-ins too (their key)
+    s2 = [run(2, f"s2-{i}", seed, f"train.init_from={tmp_path / f's1-{2 * seed}'}") for i, seed in enumerate((0, 0, 1))]
+    for a, b, other in (s1, s2):
+        assert [(r["step"], r["split"]) for r in a] == [(s, sp) for s in (1, 2, 3, 4) for sp in
+                                                       (("train", "val") if s % 2 == 0 else ("train",))]
+        assert a == b
+        assert [r["loss"] for r in a] != [r["loss"] for r in other]
+    assert set(s2[0][0]["lr_groups"]) == {"bridge", "lora"}
+
+
+def _train_args(world, out, *extra):
+    return ["train", "--preset", "tiny", "--stage", "1", "--no-progress",
+            *[a for s in _sets(world, out, *extra) for a in ("--set", s)]]
+
+
+def _last_step(out) -> int:
+    from anymal.runlog import read_metrics
+    rows = read_metrics(out, "train")
+    return rows[-1]["step"] if rows else 0
+
+
+def _stop_cli(world, out, extra, after: int, sig, group: bool, *flags):
+    "Start `anymal train`, wait until it has logged a step past `after`, send `sig`; its (exit code, stderr, checkpoint)."
+    import time
+    from anymal.checkpoint import latest_checkpoint
+    p = subprocess.Popen([sys.executable, "-m", "anymal.cli", *_train_args(world, out, *extra), *flags],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while p.poll() is None and time.time() < deadline and _last_step(out) <= after: time.sleep(0.05)
+        if group: os.killpg(p.pid, sig)  # as a terminal's Ctrl-C: the process and its DataLoader workers
+        else: p.send_signal(sig)  # as Kubernetes, Modal or `kill PID`: the process alone
+        _, err = p.communicate(timeout=300)
+    finally:
+        if p.poll() is None: p.kill()
+    return p.returncode, err, latest_checkpoint(out)
+
+
+def test_signals_save_and_resume_matches_an_uninterrupted_run(world, tmp_path):
+    """Ctrl-C (SIGINT to the process group, DataLoader workers included), then, resumed, SIGTERM to `anymal train`
+    alone: each leaves a checkpoint of the step it stopped at, one line, exit code 130 or 143. Resumed after both, the
+    run has logged what a run that was never stopped logs."""
+    import signal
+    from anymal.stages import stage_config
+    extra = ["train.steps=40", "train.log_every=1", "train.save_every=100", "train.eval_every=10", "data.num_workers=2"]
+    out, done = tmp_path / "stopped", 0
+    for sig, group, flags in ((signal.SIGINT, True, []), (signal.SIGTERM, False, ["--resume"])):
+        rc, err, ck = _stop_cli(world, out, extra, done + 1, sig, group, *flags)
+        assert rc == 128 + sig, err[-3000:]
+        step = int(ck.name.split("-")[1])
+        assert done + 2 <= step < 40 and not (out / "final").exists(), (done, step)
+        assert err.strip().splitlines()[-1] == (f"anymal train: stopped by {signal.Signals(sig).name} at step {step}; "
+                                                f"checkpoint {ck}; continue with --resume"), err[-3000:]
+        assert "Traceback" not in err
+        assert _last_step(out) == step
+        done = step
+    r = _cli(*_train_args(world, out, *extra), "--resume", env=dict(os.environ))
+    assert r.returncode == 0, r.stderr[-2000:]
+    train(stage_config(tiny(), 1, _sets(world, tmp_path / "whole", *extra)), progress=False)  # never stopped
+    assert _records(out) == _records(tmp_path / "whole")
