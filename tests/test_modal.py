@@ -185,3 +185,29 @@ def test_train_job_on_two_processes_runs_torchrun(volumes):
     assert seen and seen[-1] == run / "checkpoints/step-00000004"
     recs = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs if r["split"] == "train"] == [1, 2, 3, 4]
+
+
+@pytest.mark.filterwarnings("ignore:The train function is executing locally")
+def test_a_preempted_train_call_resumes_from_the_checkpoint_it_left(volumes, appmod):
+    """Modal pre-empts with SIGINT, then runs the call again: the first saves its step (and reports it, so the volume is
+    committed), the second resumes from it, and the run logs what an uninterrupted one logs."""
+    import signal, threading
+    from anymal.checkpoint import latest_checkpoint
+    from anymal.runlog import read_metrics
+    from anymal.trainer import Interrupted
+    extra = ["train.steps=20", "train.save_every=100", "train.eval_every=5"]
+    def cfg(name): return override(small_tiny(f"runs/{name}"), extra)
+    run, seen = volumes / "runs/p1", []
+    def preempt():  # once a step is logged, as Modal would
+        while not read_metrics(run): time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGINT)
+    threading.Thread(target=preempt, daemon=True).start()
+    with pytest.raises(Interrupted, match="stopped by SIGINT at step") as e:
+        cloud.train_job(to_json(cfg("p1")), "p1", on_checkpoint=seen.append, every=60)
+    ck = latest_checkpoint(run)
+    assert seen == [ck] and str(ck) in str(e.value) and not (run / "final").exists()
+    assert appmod.train.local(to_json(cfg("p1")), "p1") == str(run / "final")  # the call again: it resumes
+    appmod.train.local(to_json(cfg("p2")), "p2")  # never stopped
+    timing = ("time", "tokens_per_s")
+    def records(r): return [{k: v for k, v in x.items() if k not in timing} for x in read_metrics(r)]
+    assert records(run) == records(volumes / "runs/p2") and read_metrics(run)[-1]["step"] == 20
