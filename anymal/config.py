@@ -293,7 +293,7 @@ def preset(name: str) -> Config:
     if name not in PRESETS: raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     return PRESETS[name]()
 
-# %% ../nbs/00_config.ipynb #0aabaf9e
+# %% ../nbs/00_config.ipynb #b1096385
 class Rule(typing.NamedTuple):
     "What a config value must be: `ok(value)` says whether it is, `text` says it to the user."
     text: str
@@ -357,6 +357,7 @@ RULES = {  # config key -> what its value must be (one line per key; a key witho
     "train.eval_every": at_least(0, "0: only after the last step"),
     "train.eval_batches": at_least(0, "0: no validation"),
     "train.save_every": at_least(0, "0: only after the last step"),
+    "train.keep_last": at_least(0, "0: keep every checkpoint"),
     "train.log_every": at_least(0, "0: only after the last step"),
     "train.mode": one_of("standard", "small", "fast"),
     "standins.clip_steps": at_least(0, "0: a random tower"),

@@ -328,6 +328,9 @@ def test_keep_last_prunes_old_checkpoints_and_resume_still_works(tmp_path):
     train_toy(tmp_path / "a", "train.save_every=1", "train.keep_last=0")  # 0: keep all
     assert len(list((tmp_path / "a" / "checkpoints").glob("step-*"))) == 12
     assert records(tmp_path / "a") == records(tmp_path / "b")
+    from anymal.config import ConfigError
+    with pytest.raises(ConfigError, match=r"train.keep_last=-1: must be >= 0 \(0: keep every checkpoint\)"):
+        toy_cfg(tmp_path, "train.keep_last=-1")
 
 
 def test_torchrun_ranks_agree_to_stop(tmp_path):
