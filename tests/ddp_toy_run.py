@@ -11,10 +11,10 @@ from anymal.trainer import Interrupted, fit
 
 
 def toy_cfg(out, *sets):
-    "A toy run: 32 tokens, 64 wide, LoRA r=8; short schedule; every step logged."
+    "A toy run: 32 tokens, 64 wide, LoRA r=8; short schedule; every step logged; fp32 (the tests compare sums)."
     return override(tiny(), ["train.steps=12", "train.batch_size=8", "train.grad_accum=1", "train.warmup=3",
                              "train.eval_every=6", "train.eval_batches=100", "train.save_every=4", "train.log_every=1",
-                             "train.lr=3e-2", "train.lora_lr=1e-2", f"train.out_dir={out}",
+                             "train.lr=3e-2", "train.lora_lr=1e-2", "train.cpu_bf16=false", f"train.out_dir={out}",
                              "llm.vocab_size=32", "llm.hidden=64", "lora.r=8", "resampler.latents=4", *sets])
 
 
