@@ -530,6 +530,10 @@ def test_skips_are_counted_across_workers(root, tok, cfg, tmp_path):
     with pytest.raises(TooManySkipped, match=r"skipped 8 of 40 records \(20.0%\): corrupt image 8; first: .*"
                                              r"more than data.max_skipped=0.1"):
         tally.check(0.1)
+    strict = CaptionDataset(tmp_path / "s-*.tar", tok, cfg)  # not skipping: the first is an error naming it
+    with pytest.raises(BadRecord) as e:
+        for b in DataLoader(strict, batch_size=4, num_workers=2, collate_fn=Collator(tok.pad_token_id)): pass
+    assert str(e.value).startswith("s-00000.tar/000: cannot decode image: OSError") and "\n" not in str(e.value)
 
 
 def test_prompt_dataset_missing_image(root, tok, cfg):
