@@ -243,7 +243,7 @@ class InstructDataset(SampleDataset):
         enc = encode_chat(self.tok, msgs, self.L, self.max_len, name=name)
         return self._sample(enc, [self.folder / p for p in images], images, rid, name)
 
-# %% ../nbs/08_data.ipynb #adc83aa8
+# %% ../nbs/08_data.ipynb #3a53abf5
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 class CaptionDataset(SampleDataset):
@@ -266,7 +266,8 @@ class CaptionDataset(SampleDataset):
         try:
             with tarfile.open(path) as tar: members = [m for m in tar.getmembers() if m.isfile()]
         except (tarfile.TarError, OSError) as e:
-            self._reject(BadRecord(f"{path}: unreadable tar shard: {' '.join(str(e).split())}", "corrupt shard"))
+            why = (str(e).strip().splitlines() or [""])[0].rstrip(":")  # tarfile lists every method it tried: the gist
+            self._reject(BadRecord(f"{path}: unreadable tar shard: {type(e).__name__}: {why}", "corrupt shard"))
             return []
         groups = {}
         for m in members:
