@@ -249,3 +249,20 @@ def test_skips_met_in_workers_are_reported(world, tmp_path, capsys):
     assert [(r["at"], r["epoch"], r["train"], r["train_kinds"]) for r in recs] == [
         ("epoch", 1, 6, {"malformed": 6}), ("end", 1.2, 6, {"malformed": 6})]
     assert [r["step"] for r in read_metrics(tmp_path / "run", "train")] == [2, 4, 6]  # the loss curve is untouched
+
+
+def test_reliability_table_script(tmp_path):
+    "tools/reliability_table.py (docs/reliability.md) runs, and reads its cells right: one case, its 8 cells."
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("reliability_table", Path(__file__).parent.parent / "tools/reliability_table.py")
+    rt = importlib.util.module_from_spec(spec); spec.loader.exec_module(rt)
+    old = os.environ.get("ANYMAL_CACHE"); os.environ["ANYMAL_CACHE"] = str(tmp_path / "cache")
+    try: rows, _ = rt.table(tmp_path, only=["truncated PNG"], log=lambda s: None)
+    finally:
+        if old is None: os.environ.pop("ANYMAL_CACHE", None)
+        else: os.environ["ANYMAL_CACHE"] = old
+    assert len(rows) == 8 and all(r["expected"] for r in rows), rows
+    assert all("train-00000.tar/000000003: cannot decode image: OSError" in r["outcome"] for r in rows if not r["skip_bad"])
+    assert {r["outcome"] for r in rows if r["skip_bad"]} == {"trains, skipped 1 of 32 train records (corrupt image 1)"}
+    assert not rt.expected("trains, nothing skipped", "one record bad", True)  # a bad input that went unnoticed
+    assert "| truncated PNG | 1 | true | false | 0 | trains, skipped 1 of 32" in rt.markdown(rows, 1.0)
