@@ -123,7 +123,7 @@ class LoRAConfig:
     dropout: float = 0.05  # QLoRA used 0.1 up to 13B and 0.05 for 33-65B; a little regularisation, cheap to turn off
     targets: str = "all-linear"    # every linear layer of the LLM except lm_head, as QLoRA recommends
 
-# %% ../nbs/00_config.ipynb #68a8919e
+# %% ../nbs/00_config.ipynb #9437b794
 @dataclass
 class DataConfig:
     "Where the data lives and how samples become token sequences."
@@ -135,6 +135,7 @@ class DataConfig:
     image_folder: str = "images"   # images referenced by the instruct JSON, relative to root
     max_len: int = 1024            # tokens per sample after splicing image placeholders
     skip_bad: bool = False         # False: a bad record is an error naming it; True: skip and count it
+    max_skipped: float = 0.05      # skip_bad: stop past this fraction of a dataset bad (a broken path, not noise)
     num_workers: int = 4           # DataLoader workers
     stage1_prompt: str = "Describe the image briefly."  # the alignment prompt (a LLaVA-style short caption request)
     vqa_prompt: str = "Answer the question using a single word or phrase."  # the short-answer suffix used for VQAv2

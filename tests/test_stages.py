@@ -230,3 +230,141 @@ def test_signals_save_and_resume_matches_an_uninterrupted_run(world, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     train(stage_config(tiny(), 1, _sets(world, tmp_path / "whole", *extra)), progress=False)  # never stopped
     assert _records(out) == _records(tmp_path / "whole")
+
+
+# ---------------------------------------------------------------- bad images and skipped records (issue 25)
+def _bad_world(world, tmp_path, edit) -> Path:
+    "A copy of the world whose stage-1 training shard has its samples changed by `edit(i, {ext: bytes}) -> {ext: bytes}`."
+    import io, shutil, tarfile
+    from anymal.world import add_sample
+    root = tmp_path / "w"
+    shutil.copytree(world, root)
+    shard = root / "captions/train-00000.tar"
+    with tarfile.open(shard) as tar:
+        samples = {}
+        for m in tar.getmembers():
+            key, _, ext = m.name.partition(".")
+            samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for i, (key, members) in enumerate(samples.items()): add_sample(tar, key, edit(i, members))
+    return root
+
+
+def _png16(png: bytes) -> bytes:
+    "The same picture as a 16-bit grayscale PNG (and the 8-bit grayscale one it scales)."
+    import io
+    import numpy as np
+    from PIL import Image
+    g = np.asarray(Image.open(io.BytesIO(png)).convert("L"))
+    out = io.BytesIO(); Image.fromarray(g.astype(np.uint16) * 257).save(out, "PNG")
+    return out.getvalue()
+
+
+def test_encode_images_decodes_like_the_datasets(world):
+    "The feature cache decodes through `load_image`: 16-bit PNGs as their 8-bit copy, bad images named or listed."
+    import io, torch
+    from PIL import Image
+    from anymal.stages import encode_images
+    from anymal.tokenizer import BadRecord
+    from anymal.vision import clip_preprocess
+
+    class Pixels(torch.nn.Module):  # an "encoder" that returns its input: the features are the pixels
+        def __init__(self): super().__init__(); self.one = torch.nn.Parameter(torch.ones(()))
+        def forward(self, px): return px * self.one
+
+    png = (world / "images/train/100000.png").read_bytes()
+    gray = io.BytesIO(); Image.open(io.BytesIO(png)).convert("L").save(gray, "PNG")
+    jpg = io.BytesIO(); Image.open(io.BytesIO(png)).save(jpg, "JPEG")
+    src = {"deep": ("deep.png", lambda: _png16(png)), "gray": ("gray.png", lambda: gray.getvalue()),
+           "cut.jpg": ("s.tar/cut", lambda: jpg.getvalue()[:400]), "junk": ("s.tar/junk", lambda: b"not an image")}
+    tf = clip_preprocess(override(tiny(), SMALL).vision)
+    keys, feats, bad = encode_images(Pixels(), src, tf, batch_size=3, skip_bad=True)
+    assert keys == ["deep", "gray"] and torch.allclose(feats[0], feats[1], atol=1e-6)  # not a white image
+    assert {k: v[0] for k, v in bad.items()} == {"cut.jpg": "corrupt image", "junk": "corrupt image"}
+    assert bad["cut.jpg"][1].startswith("s.tar/cut: cannot decode image: OSError: ")  # "Truncated File Read"
+    assert "s.tar/junk: cannot decode image: UnidentifiedImageError" in bad["junk"][1]
+    with pytest.raises(BadRecord, match="s.tar/cut: cannot decode image: OSError"): encode_images(Pixels(), src, tf)
+
+
+def test_stage1_feature_cache_with_bad_images(world, tmp_path, capsys):
+    "Corrupt shard images with cached features: a one-line error naming them, or left out, counted and reported."
+    from anymal.stages import stage_config
+    from anymal.data import TooManySkipped
+    from anymal.tokenizer import BadRecord
+    from anymal.runlog import read_metrics
+    edits = {3: lambda png: png[:len(png) // 2], 7: lambda png: b"garbage", 11: _png16}  # truncated, garbage, 16 bits
+    root = _bad_world(world, tmp_path, lambda i, m: dict(m, png=edits[i](m["png"])) if i in edits else m)
+    sets = lambda out, *x: [*_sets(world, out, "train.steps=2", "data.num_workers=2", *x), f"data.root={root}"]
+    strict = stage_config(tiny(), 1, sets(tmp_path / "strict"))
+    assert strict.train.cache_features and not strict.data.skip_bad
+    with pytest.raises(BadRecord, match=r"^train-00000.tar/000000003: cannot decode image: OSError: image file is "
+                                        r"truncated"):
+        train(strict, progress=False)
+    assert not (tmp_path / "strict").exists()
+    train(stage_config(tiny(), 1, sets(tmp_path / "skip", "data.skip_bad=true")), progress=False)
+    err = capsys.readouterr().err
+    assert "skipped up front: train 2 of 240 records (0.8%): corrupt image 2; first: train-00000.tar/000000003" in err
+    end = read_metrics(tmp_path / "skip", "skipped")[-1]
+    assert (end["at"], end["train"], end["train_records"], end["train_kinds"]) == ("end", 2, 240, {"corrupt image": 2})
+    # the cache entry now lists the bad images: a strict run that finds it names the first record that uses one
+    with pytest.raises(BadRecord, match=r"^train-00000.tar/000000003: cannot decode image"):
+        train(stage_config(tiny(), 1, sets(tmp_path / "strict2")), progress=False)
+    with pytest.raises(TooManySkipped, match=r"train data: skipped 2 of 240 records \(0.8%\): corrupt image 2; first"):
+        train(stage_config(tiny(), 1, sets(tmp_path / "few", "data.skip_bad=true", "data.max_skipped=0.005")),
+              progress=False)
+
+
+def test_stage2_feature_cache_with_bad_image(world, tmp_path):
+    "Stage 2: a truncated image file, shared by several LLaVA records, takes them all out (or names the file)."
+    from anymal.stages import build_stage, stage_config
+    from anymal.standins import with_standins
+    from anymal.tokenizer import BadRecord
+    import json, shutil
+    root = tmp_path / "w"
+    shutil.copytree(world, root)
+    recs = json.loads((root / "llava/llava_instruct_train.json").read_text())
+    img = root / "images" / recs[0]["image"]
+    img.write_bytes(img.read_bytes()[:150])
+    users = [i for i, r in enumerate(recs) if r.get("image") == recs[0]["image"]]
+    sets = [*_sets(world, tmp_path / "s2", "train.allow_random_resampler=true", "train.init_from="), f"data.root={root}"]
+    with pytest.raises(BadRecord, match=f"^{img}: cannot decode image: OSError"):
+        build_stage(with_standins(stage_config(tiny(), 2, sets), progress=False), progress=False)
+    ds = build_stage(with_standins(stage_config(tiny(), 2, [*sets, "data.skip_bad=true"]), progress=False),
+                     progress=False)[3]
+    assert len(ds) == len(recs) - len(users) and [k for k, _ in ds.upfront] == ["corrupt image"] * len(users)
+    assert ds.upfront[0][1].startswith(f"llava_instruct_train.json#0 (id={recs[0]['id']}): {img}: cannot decode")
+
+
+def test_skips_met_in_workers_are_reported(world, tmp_path, capsys):
+    "Captions found bad inside 2 DataLoader workers are counted once each, printed at the epoch's end and logged."
+    from anymal.stages import stage_config
+    from anymal.runlog import read_metrics
+    bad = {5, 50, 51, 120, 200, 239}
+    root = _bad_world(world, tmp_path, lambda i, m: dict(m, txt=b" ") if i in bad else m)  # empty captions
+    cfg = stage_config(tiny(), 1, [*_sets(world, tmp_path / "run", "train.steps=6", "train.batch_size=48",
+                                          "data.num_workers=2", "data.skip_bad=true", "train.cache_features=false"),
+                                   f"data.root={root}"])
+    train(cfg, progress=False)  # 5 batches of 48 an epoch: the whole epoch read, each bad record met at least once
+    err = capsys.readouterr().err
+    assert "skipped records, epoch 1: train 6 of 240 records (2.5%): malformed 6; first: train-00000.tar/000000" in err
+    recs = read_metrics(tmp_path / "run", "skipped")
+    assert [(r["at"], r["epoch"], r["train"], r["train_kinds"]) for r in recs] == [
+        ("epoch", 1, 6, {"malformed": 6}), ("end", 1.2, 6, {"malformed": 6})]
+    assert [r["step"] for r in read_metrics(tmp_path / "run", "train")] == [2, 4, 6]  # the loss curve is untouched
+
+
+def test_reliability_table_script(tmp_path):
+    "tools/reliability_table.py (docs/reliability.md) runs, and reads its cells right: one case, its 8 cells."
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("reliability_table", Path(__file__).parent.parent / "tools/reliability_table.py")
+    rt = importlib.util.module_from_spec(spec); spec.loader.exec_module(rt)
+    old = os.environ.get("ANYMAL_CACHE"); os.environ["ANYMAL_CACHE"] = str(tmp_path / "cache")
+    try: rows, _ = rt.table(tmp_path, only=["truncated PNG"], log=lambda s: None)
+    finally:
+        if old is None: os.environ.pop("ANYMAL_CACHE", None)
+        else: os.environ["ANYMAL_CACHE"] = old
+    assert len(rows) == 8 and all(r["expected"] for r in rows), rows
+    assert all("train-00000.tar/000000003: cannot decode image: OSError" in r["outcome"] for r in rows if not r["skip_bad"])
+    assert {r["outcome"] for r in rows if r["skip_bad"]} == {"trains, skipped 1 of 32 train records (corrupt image 1)"}
+    assert not rt.expected("trains, nothing skipped", "one record bad", True)  # a bad input that went unnoticed
+    assert "| truncated PNG | 1 | true | false | 0 | trains, skipped 1 of 32" in rt.markdown(rows, 1.0)
