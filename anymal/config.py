@@ -294,7 +294,7 @@ def preset(name: str) -> Config:
     if name not in PRESETS: raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     return PRESETS[name]()
 
-# %% ../nbs/00_config.ipynb #b1096385
+# %% ../nbs/00_config.ipynb #9a036c23
 class Rule(typing.NamedTuple):
     "What a config value must be: `ok(value)` says whether it is, `text` says it to the user."
     text: str
@@ -341,6 +341,7 @@ RULES = {  # config key -> what its value must be (one line per key; a key witho
     "lora.dropout": DROPOUT,
     "data.max_len": SIZE,
     "data.num_workers": at_least(0, "0: load in the training process"),
+    "data.max_skipped": between(0, 1),
     "data.world_images": at_least(0, "0: no world"),
     "data.world_val_images": COUNT,
     "data.world_image_size": SIZE,

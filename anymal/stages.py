@@ -166,7 +166,7 @@ def run_stage(cfg: Config, # a stage config (see `stage_config`)
     return fit(cfg, model, train_ds, val_ds, Collator(tok.pad_token_id), resume=resume, prepare=prepare,
                progress=progress, on_step=on_step)
 
-# %% ../nbs/16_stages.ipynb #4981c34b
+# %% ../nbs/16_stages.ipynb #be7d3fca
 def torchrun_stage(cfg: Config, # a stage config; `train.batch_size` is each process's batch
                    procs: int, # processes (GPUs, or CPU processes)
                    resume: bool = False, progress: bool = True,
@@ -183,7 +183,7 @@ def torchrun_stage(cfg: Config, # a stage config; `train.batch_size` is each pro
     r = run_passing_signals(cmd, out, env={**os.environ, "PYTHONPATH": path, **(env or {})}, stdout=subprocess.PIPE,
                             text=True)
     if r.returncode:
-        raise RuntimeError(f"stage {cfg.train.stage} failed under torchrun ({procs} processes, exit code "
+        raise StageError(f"stage {cfg.train.stage} failed under torchrun ({procs} processes, exit code "
                            f"{r.returncode}); its errors are above; it resumes from {out}/checkpoints/latest with "
                            f"--resume. Command: {' '.join(cmd)}")
     return out / "final"

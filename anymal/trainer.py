@@ -106,7 +106,7 @@ def seed_all(seed: int):
     np.random.seed(seed)
     torch.manual_seed(seed)
 
-# %% ../nbs/13_trainer.ipynb #18510920
+# %% ../nbs/13_trainer.ipynb #30f67232
 @dataclass
 class Progress:
     "Where a run stands; saved in every checkpoint."
@@ -158,7 +158,7 @@ class Trainer:
         )
         self.per_epoch = batches_per_epoch(self.train_dl)
         if self.per_epoch == 0:
-            raise ValueError(f"train_ds has {len(train_ds)} samples: fewer than one batch of {self.tc.batch_size} "
+            raise ConfigError(f"train_ds has {len(train_ds)} samples: fewer than one batch of {self.tc.batch_size} "
                              f"for each of {self.d.world} process(es)")
         self.skips = SkipReport(cfg, self.d, dict(train=train_ds, val=val_ds))  # bad records left out (data.skip_bad)
 
@@ -384,7 +384,7 @@ def run_passing_signals(cmd: list[str], out_dir=None, # the run's folder, to nam
     raise Interrupted(stop.signum, f"stopped by {signal.Signals(stop.signum).name}, passed on to the training process "
                                    f"(its exit code: {p.returncode}){where}")
 
-# %% ../nbs/13_trainer.ipynb #f1f92971
+# %% ../nbs/13_trainer.ipynb #7256c2c5
 @patch
 def record(self: Trainer, split: str, m: dict) -> dict:
     "A metrics.jsonl record for the current step."
@@ -437,6 +437,7 @@ def run(self: Trainer, resume: bool = False, progress: bool = True, on_step: Cal
         stop.restore()
         bar.close()
         log.close()
+        self.batches.close()  # the DataLoader's workers stop now, not seconds later when the garbage collector finds them
         if d.ddp:  # free the DDP wrapper (its reducer holds the process group) before leaving the group, not at exit
             self.model, self.batches = self.raw, None
             gc.collect()
