@@ -59,7 +59,7 @@ def load_image(src, name: str) -> Image.Image:
         if isinstance(e, UnidentifiedImageError) and not isinstance(src, (str, Path)): why = "cannot identify image file"
         raise BadRecord(f"{name}: cannot decode image: {type(e).__name__}: {why}", "corrupt image") from None
 
-# %% ../nbs/08_data.ipynb #c5330e01
+# %% ../nbs/08_data.ipynb #ba8f7d81
 class TooManySkipped(BadRecord):
     "More of a dataset's records are bad than `data.max_skipped` allows: the data, not a record, is broken."
 
@@ -102,8 +102,8 @@ class SampleDataset(Dataset):
                         raise WorkerBadRecord(str(e), e.kind) from None
                     self._reject(e, j)
             met.append((j, *self._bad_idx[j]))
-        raise RuntimeError(f"{type(self).__name__}: {self.max_consecutive_bad} bad records in a row from index {i}; "
-                           f"skipped so far: {dict(self.skipped)}")
+        raise TooManySkipped(f"{type(self).__name__}: {self.max_consecutive_bad} bad records in a row from index {i}; "
+                            f"skipped so far: {dict(self.skipped)}")
 
     def summary(self) -> str:
         "One line: how many records are in use and what was skipped, by kind."

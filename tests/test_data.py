@@ -441,7 +441,7 @@ def test_too_many_bad_records_in_a_row(root, tok, cfg, good, tmp_path):
     (root / "images/corrupt.png").write_bytes(b"not an image")
     path = _llava(tmp_path, [dict(good, image="corrupt.png")] * 5)
     ds = InstructDataset(path, root / "images", tok, cfg, skip_bad=True)
-    with pytest.raises(RuntimeError, match="bad records in a row"): ds[0]
+    with pytest.raises(TooManySkipped, match="bad records in a row"): ds[0]
 
 
 def _shard(path, samples):
