@@ -233,20 +233,20 @@ def test_signals_save_and_resume_matches_an_uninterrupted_run(world, tmp_path):
 
 
 # ---------------------------------------------------------------- bad images and skipped records (issue 25)
+def _reliability_table():
+    "tools/reliability_table.py as a module (it is a script, not part of the package)."
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("reliability_table", Path(__file__).parent.parent / "tools/reliability_table.py")
+    rt = importlib.util.module_from_spec(spec); spec.loader.exec_module(rt)
+    return rt
+
+
 def _bad_world(world, tmp_path, edit) -> Path:
     "A copy of the world whose stage-1 training shard has its samples changed by `edit(i, {ext: bytes}) -> {ext: bytes}`."
-    import io, shutil, tarfile
-    from anymal.world import add_sample
+    import shutil
     root = tmp_path / "w"
     shutil.copytree(world, root)
-    shard = root / "captions/train-00000.tar"
-    with tarfile.open(shard) as tar:
-        samples = {}
-        for m in tar.getmembers():
-            key, _, ext = m.name.partition(".")
-            samples.setdefault(key, {})[ext] = tar.extractfile(m).read()
-    with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as tar:
-        for i, (key, members) in enumerate(samples.items()): add_sample(tar, key, edit(i, members))
+    _reliability_table()._edit_shard(root, edit)
     return root
 
 
@@ -355,9 +355,7 @@ def test_skips_met_in_workers_are_reported(world, tmp_path, capsys):
 
 def test_reliability_table_script(tmp_path):
     "tools/reliability_table.py (docs/reliability.md) runs, and reads its cells right: one case, its 8 cells."
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("reliability_table", Path(__file__).parent.parent / "tools/reliability_table.py")
-    rt = importlib.util.module_from_spec(spec); spec.loader.exec_module(rt)
+    rt = _reliability_table()
     old = os.environ.get("ANYMAL_CACHE"); os.environ["ANYMAL_CACHE"] = str(tmp_path / "cache")
     try: rows, _ = rt.table(tmp_path, only=["truncated PNG"], log=lambda s: None)
     finally:
