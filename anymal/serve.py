@@ -24,8 +24,8 @@ from .export import hub_id, is_export
 # %% auto #0
 __all__ = ['IMAGE_TYPES', 'MAX_FILE_SIZE', 'MAX_PIXELS', 'MAX_IMAGES', 'MAX_PROMPT_CHARS', 'FOCUS', 'LOOPBACK', 'NotAModel',
            'load_model', 'UploadError', 'read_upload', 'read_uploads', 'check_prompt', 'Conversation', 'resampler_maps',
-           'eager_attention', 'answer_attention', 'overlay', 'looked_at', 'world_examples', 'build_app', 'is_loopback',
-           'launch', 'in_jupyter', 'show', 'serve_main', 'serve_job']
+           'eager_attention', 'answer_attention', 'overlay', 'looked_at', 'world_examples', 'build_app', 'page_options',
+           'is_loopback', 'launch', 'in_jupyter', 'show', 'serve_main', 'serve_job']
 
 # %% ../nbs/28_serve.ipynb #6864f076
 class NotAModel(UserError, ValueError):
@@ -161,16 +161,16 @@ def answer_attention(assistant: Assistant, messages: list[dict], # the conversat
     per = a[ids[0] == m.image_token_id].view(len(images), m.num_tokens)  # (n_images, L)
     return per / per.sum(1, keepdim=True).clamp_min(1e-12), per.sum(1) / a.sum()
 
-# %% ../nbs/28_serve.ipynb #433199b9
+# %% ../nbs/28_serve.ipynb #4da5c724
 def overlay(image, # PIL image or path
             heat, # (g, g) attention over the patch grid
             size: int = 320, # side of the picture, in pixels
             alpha: float = 0.65, cmap: str = "jet") -> Image.Image:
-    "`image` cropped to the model's square, `size` pixels, with `heat` drawn over it (scaled to its maximum)."
+    "`image` cropped to the model's square, `size` pixels, with `heat` drawn over it (scaled from its minimum to its maximum)."
     from matplotlib import colormaps
     base = np.asarray(ImageOps.fit(open_image(image), (size, size)), dtype=np.float64) / 255
     h = np.asarray(heat, dtype=np.float32)
-    h = h / max(float(h.max()), 1e-12)
+    h = (h - h.min()) / max(float(h.max() - h.min()), 1e-12)
     up = np.clip(np.asarray(Image.fromarray(h).resize((size, size), Image.Resampling.BILINEAR)), 0, 1)
     a = (alpha * up)[..., None]
     out = base * (1 - a) + colormaps[cmap](up)[..., :3] * a
@@ -196,7 +196,7 @@ def looked_at(assistant: Assistant, images: list, # the conversation's images
                     + ", ".join(f"{j} ({w[i][j]:.0%})" for j in top)))
     return out
 
-# %% ../nbs/28_serve.ipynb #81494998
+# %% ../nbs/28_serve.ipynb #53e00d50
 def world_examples(cfg, # the model's config: its `data.root` is where its world was written
                    n: int = 4) -> list[list]:
     "Up to `n` `[[image path], question]` examples from the test split of the model's shapes world (none elsewhere)."
@@ -208,9 +208,9 @@ def world_examples(cfg, # the model's config: its `data.root` is where its world
     kinds = {a["question_id"]: a.get("question_type") for a in json.loads(afile.read_text())["annotations"]}
     out, seen = [], set()
     for q in json.loads(qfile.read_text())["questions"]:
-        img = root / "images" / "test" / f"{q['image_id']}.png"
-        if kinds.get(q["question_id"]) in seen or not img.is_file(): continue
-        seen.add(kinds.get(q["question_id"]))
+        img, kind = root / "images" / "test" / f"{q['image_id']}.png", kinds.get(q["question_id"])
+        if kind in seen or img in seen or not img.is_file(): continue  # a question type and an image once each
+        seen |= {kind, img}
         out.append([[str(img)], q["question"]])
         if len(out) == n: break
     return out
@@ -323,8 +323,18 @@ def build_app(assistant: Assistant, examples: list | None = None, # `[[paths], q
         clear.click(on_clear, [files], [conv, chat, looked, note, prompt], **one)
     return app.queue(max_size=queue)
 
-# %% ../nbs/28_serve.ipynb #8ff4abf3
+# %% ../nbs/28_serve.ipynb #0ef79250
 LOOPBACK = "127.0.0.1"
+
+def page_options() -> dict:
+    "The serving options that `launch` and `serve_job` share."
+    return dict(theme=_theme(),
+                ssr_mode=False,  # the page is rendered in the browser: no Node server beside Python
+                show_error=False,  # an unexpected error shows as "Error", not as its message
+                mcp_server=False, pwa=False,  # no MCP tools, no installable app
+                run_history=False,  # nothing recorded in the visitor's browser, no history page
+                enable_monitoring=False,  # no monitoring dashboard route
+                footer_links=["api", "gradio", "settings"])
 
 def is_loopback(host: str) -> bool:
     "Whether `host` is this machine only (127.0.0.0/8, ::1 or localhost)."
@@ -346,8 +356,7 @@ def launch(app, # a `build_app` page
               f"{port or 7860} can use the model (and its GPU); the page has no login", file=sys.stderr)
     try:
         _, url, share_url = app.launch(server_name=host, server_port=port, share=share, max_file_size=max_file_size,
-                                       prevent_thread_lock=True, inline=inline, quiet=quiet, ssr_mode=False,
-                                       theme=_theme(), show_error=False, mcp_server=False, pwa=False)
+                                       prevent_thread_lock=True, inline=inline, quiet=quiet, **page_options())
     except OSError as e: raise UserError(f"cannot serve on {host}:{port}: {e}") from None
     if block: app.block_thread()
     return share_url or url
@@ -397,7 +406,7 @@ def serve_main(argv: list[str] | None = None) -> int:
     launch(build_app(asst, max_images=a.max_images, max_file_size=mb), a.host, a.port, a.share, mb)
     return 0
 
-# %% ../nbs/28_serve.ipynb #236d8f9a
+# %% ../nbs/28_serve.ipynb #bf7d517a
 def serve_job(model: str, # a run or checkpoint on the runs volume ("full/stage2"), an export folder, or a hub id
               max_file_size: int = MAX_FILE_SIZE, **kw):
     "The FastAPI app of the chat page for `model`, found on the runs volume when it is a run name (Modal's body)."
@@ -407,5 +416,4 @@ def serve_job(model: str, # a run or checkpoint on the runs volume ("full/stage2
     on_volume = volume_root() / "runs" / model
     asst = load_model(on_volume if on_volume.exists() else model)
     app = build_app(asst, max_file_size=max_file_size, **kw)
-    return gr.mount_gradio_app(FastAPI(title="anymal"), app, path="/", max_file_size=max_file_size, theme=_theme(),
-                               ssr_mode=False, show_error=False, mcp_server=False, pwa=False)
+    return gr.mount_gradio_app(FastAPI(title="anymal"), app, path="/", max_file_size=max_file_size, **page_options())
