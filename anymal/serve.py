@@ -217,7 +217,7 @@ def world_examples(cfg, # the model's config: its `data.root` is where its world
         if len(out) == n: break
     return out
 
-# %% ../nbs/28_serve.ipynb #d778ce54
+# %% ../nbs/28_serve.ipynb #9cc3972f
 def _gradio():
     "Gradio, imported when a page is built (not by `import anymal`), with its usage telemetry off."
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -315,11 +315,12 @@ def build_app(assistant: Assistant, examples: list | None = None, # `[[paths], q
                                         step=1, label="Max new tokens", elem_id="anymal-max-new")
         if examples:
             gr.Examples(examples, inputs=[files, prompt], label="Examples from the shapes world's test split")
-        one = dict(concurrency_id="model", concurrency_limit=1)  # every event that runs the model: one at a time
+        # every event that runs the model: one at a time; one of them, `ask`, documented for API clients
+        one = dict(concurrency_id="model", concurrency_limit=1, api_visibility="undocumented")
         files.change(on_files, [files], [conv, chat, looked, note], **one)
         ask = dict(fn=on_send, inputs=[prompt, files, conv, short, temperature, top_p, max_new, focus],
                    outputs=[conv, chat, prompt, looked, note], **one)
-        send.click(**ask)
+        send.click(**{**ask, "api_name": "ask", "api_visibility": "public"})
         prompt.submit(**ask)
         focus.change(on_focus, [conv, focus], [looked], **one)
         clear.click(on_clear, [files], [conv, chat, looked, note, prompt], **one)
