@@ -12,7 +12,7 @@ from .config import Config, UserError, add_config_args, config_from_args, overri
 # %% auto #0
 __all__ = ['COMMANDS', 'PRESET_ARGS', 'CHECKPOINT_SETS', 'EXTRA_SETS', 'USER_ERRORS', 'info_main', 'check_config_args', 'main']
 
-# %% ../nbs/23_cli.ipynb #b5b12afb
+# %% ../nbs/23_cli.ipynb #b431e6c3
 COMMANDS = {  # subcommand -> "module:function"; each function takes argv (list of str) and returns an exit code
     "info": ("anymal.cli:info_main", "print the resolved config and model sizes"),
     "world": ("anymal.world:world_main", "write the synthetic shapes world"),
@@ -28,7 +28,7 @@ COMMANDS = {  # subcommand -> "module:function"; each function takes argv (list 
     "plot": ("anymal.plots:plot_main", "plot loss/lr curves of runs"),
     "prepare": ("anymal.prepare:prepare_main", "download and lay out the full-scale datasets"),
     "export": ("anymal.export:export_main", "write a checkpoint in Hugging Face formats with a model card; push it"),
-    "serve": ("anymal.serve:serve_main", "a chat page in the browser: images, streamed answers, where the model looked"),
+    "serve": ("anymal.serve:serve_main", "a chat page in the browser: streamed answers, where the model looked"),
 }
 
 def _resolve(name: str):

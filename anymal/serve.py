@@ -50,7 +50,7 @@ def load_model(name, # an export folder or its hub id, a checkpoint folder, or a
     if hub_id(str(name)): return Assistant.from_pretrained(str(name), device, sets)  # the HF cache only
     raise NotAModel(f"no model at {str(name)!r}: expected {want}, or the hub id of an export in the HF cache")
 
-# %% ../nbs/28_serve.ipynb #6cc45e55
+# %% ../nbs/28_serve.ipynb #75853429
 IMAGE_TYPES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")  # what the page accepts (PIL reads them all)
 MAX_FILE_SIZE = 10 * 2**20  # bytes per uploaded file
 MAX_PIXELS = 40_000_000  # per image: a small file can decode to a huge image (a "decompression bomb")
@@ -70,7 +70,8 @@ def read_upload(path, # where the upload was stored
         raise UploadError(f"{name!r} is not an image this page reads: upload {', '.join(IMAGE_TYPES)} files")
     if not p.is_file(): raise UploadError(f"{name!r} did not arrive (missing or removed): upload it again")
     if p.stat().st_size > max_bytes:
-        raise UploadError(f"{name!r} is {p.stat().st_size / 2**20:.1f} MB; this page takes up to {max_bytes / 2**20:g} MB")
+        mb = p.stat().st_size / 2**20
+        raise UploadError(f"{name!r} is {mb:.1f} MB; this page takes up to {max_bytes / 2**20:g} MB")
     try:
         with Image.open(p) as im: w, h = im.size
     except Exception as e:
@@ -90,7 +91,8 @@ def check_prompt(text: str | None, max_chars: int = MAX_PROMPT_CHARS) -> str:
     "The question, stripped; an `InputError` if there is none or it is over `max_chars`."
     t = (text or "").strip()
     if not t: raise InputError("type a question first")
-    if len(t) > max_chars: raise InputError(f"the question is {len(t):,} characters long; this page takes up to {max_chars:,}")
+    if len(t) > max_chars:
+        raise InputError(f"the question is {len(t):,} characters long; this page takes up to {max_chars:,}")
     return t
 
 # %% ../nbs/28_serve.ipynb #4ac035a0
@@ -326,7 +328,7 @@ def build_app(assistant: Assistant, examples: list | None = None, # `[[paths], q
         clear.click(on_clear, [files], [conv, chat, looked, note, prompt], **one)
     return app.queue(max_size=queue)
 
-# %% ../nbs/28_serve.ipynb #0ef79250
+# %% ../nbs/28_serve.ipynb #e3bbfb68
 LOOPBACK = "127.0.0.1"
 
 def page_options() -> dict:
@@ -355,8 +357,9 @@ def launch(app, # a `build_app` page
            quiet: bool = False) -> str:
     "Serve the page; its URL (the share link when `share`)."
     if not is_loopback(host):
-        print(f"anymal serve: warning: listening on {host}, not only on this machine: anyone who can reach port "
-              f"{port or 7860} can use the model (and its GPU); the page has no login", file=sys.stderr)
+        print(f"anymal serve: warning: listening on {host}, not only on this machine: anyone who can reach "
+              f"{f'port {port}' if port else 'its port'} can use the model (and its GPU); the page has no login",
+              file=sys.stderr)
     try:
         _, url, share_url = app.launch(server_name=host, server_port=port, share=share, max_file_size=max_file_size,
                                        prevent_thread_lock=True, inline=inline, quiet=quiet, **page_options())
