@@ -286,3 +286,14 @@ def test_a_folder_that_is_not_a_model_is_one_line(tmp_path):
     r = run_cli("serve", "--model", tmp_path)
     assert r.returncode == 1, r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("anymal serve: error: "), r.stderr[-2000:]
+
+
+def test_gradio_is_imported_only_to_serve():
+    "`import anymal`, `anymal --help` and `anymal serve --help` stay light: Gradio comes in when a page is built."
+    code = ("import sys, contextlib, io\nimport anymal, anymal.serve\nfrom anymal.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+            "    main(['--help'])\n    try: main(['serve', '--help'])\n    except SystemExit: pass\n"
+            "print('gradio' in sys.modules, 'anymal serve' in out.getvalue(), '--host' in out.getvalue())")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120,
+                       env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert r.stdout.split() == ["False", "True", "True"], (r.stdout, r.stderr[-2000:])
