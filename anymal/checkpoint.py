@@ -22,7 +22,8 @@ from .tokenizer import load_tokenizer
 __all__ = ['WEIGHTS', 'STATE', 'META', 'LATEST', 'ARCH_SECTIONS', 'NOT_ARCH', 'unwrap', 'trainable_state_dict', 'architecture',
            'config_differences', 'tensor_differences', 'CheckpointMismatch', 'write_file', 'atomic_dir', 'recover',
            'rng_state', 'set_rng_state', 'save_checkpoint', 'set_latest', 'latest_checkpoint', 'resolve_checkpoint',
-           'read_meta', 'load_train_state', 'load_trainable', 'Inference', 'load_for_inference']
+           'read_meta', 'load_train_state', 'step_checkpoints', 'prune_checkpoints', 'load_trainable', 'Inference',
+           'load_for_inference']
 
 # %% ../nbs/09_checkpoint.ipynb #1721e44c
 WEIGHTS, STATE, META, LATEST = "trainable.safetensors", "train_state.pt", "meta.json", "latest"
@@ -186,7 +187,27 @@ def load_train_state(path) -> dict:
     "The optimizer/scheduler/RNG/position state of a training checkpoint."
     return torch.load(resolve_checkpoint(path, training=True) / STATE, map_location="cpu", weights_only=True)
 
-# %% ../nbs/09_checkpoint.ipynb #2eb2b30d
+# %% ../nbs/09_checkpoint.ipynb #e7c894a5
+def step_checkpoints(ckdir) -> list[Path]:
+    "The `step-N` directories in `ckdir`, oldest (smallest N) first."
+    ckdir = Path(ckdir)
+    if not ckdir.is_dir(): return []
+    steps = [p for p in ckdir.glob("step-*") if p.is_dir() and p.name[len("step-"):].isdigit()]
+    return sorted(steps, key=lambda p: int(p.name[len("step-"):]))
+
+def prune_checkpoints(ckdir, keep_last: int) -> list[Path]:
+    "Delete all but the newest `keep_last` step checkpoints (0: keep all), never the one `latest` names; returns the deleted."
+    if keep_last <= 0: return []
+    ckdir = Path(ckdir)
+    latest = (ckdir / LATEST).read_text().strip() if (ckdir / LATEST).exists() else None
+    gone = [p for p in step_checkpoints(ckdir)[:-keep_last] if p.name != latest]
+    for p in gone:
+        doomed = ckdir / f".tmp-pruned-{p.name}-{uuid.uuid4().hex[:8]}"  # `recover` removes it if we stop here
+        os.replace(p, doomed)
+        shutil.rmtree(doomed)
+    return gone
+
+# %% ../nbs/09_checkpoint.ipynb #014e3dce
 def load_trainable(model: nn.Module, path, cfg: Config | None = None, missing_ok: bool = False) -> dict:
     "Check that checkpoint `path` fits `model` (and `cfg`), then load its trained tensors; returns its meta."
     path = resolve_checkpoint(path)
@@ -207,7 +228,7 @@ def load_trainable(model: nn.Module, path, cfg: Config | None = None, missing_ok
             for n, t in sd.items(): params[n].copy_(t)
     return meta
 
-# %% ../nbs/09_checkpoint.ipynb #964c4748
+# %% ../nbs/09_checkpoint.ipynb #d11100fe
 class Inference(NamedTuple):
     model: nn.Module
     tokenizer: object

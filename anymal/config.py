@@ -123,7 +123,7 @@ class LoRAConfig:
     dropout: float = 0.05  # QLoRA used 0.1 up to 13B and 0.05 for 33-65B; a little regularisation, cheap to turn off
     targets: str = "all-linear"    # every linear layer of the LLM except lm_head, as QLoRA recommends
 
-# %% ../nbs/00_config.ipynb #68a8919e
+# %% ../nbs/00_config.ipynb #9437b794
 @dataclass
 class DataConfig:
     "Where the data lives and how samples become token sequences."
@@ -135,6 +135,7 @@ class DataConfig:
     image_folder: str = "images"   # images referenced by the instruct JSON, relative to root
     max_len: int = 1024            # tokens per sample after splicing image placeholders
     skip_bad: bool = False         # False: a bad record is an error naming it; True: skip and count it
+    max_skipped: float = 0.05      # skip_bad: stop past this fraction of a dataset bad (a broken path, not noise)
     num_workers: int = 4           # DataLoader workers
     stage1_prompt: str = "Describe the image briefly."  # the alignment prompt (a LLaVA-style short caption request)
     vqa_prompt: str = "Answer the question using a single word or phrase."  # the short-answer suffix used for VQAv2
@@ -144,7 +145,7 @@ class DataConfig:
     world_image_size: int = 64     # rendered resolution
     world_seed: int = 0            # the world is a pure function of its config and this seed
 
-# %% ../nbs/00_config.ipynb #6d991543
+# %% ../nbs/00_config.ipynb #43333917
 @dataclass
 class TrainConfig:
     "One training run (either stage)."
@@ -165,6 +166,8 @@ class TrainConfig:
     eval_every: int = 200          # validation-loss interval (steps)
     eval_batches: int = 20         # batches per validation
     save_every: int = 500          # checkpoint interval (steps)
+    keep_last: int = 2             # step checkpoints kept, the newest (0: all). Two: if the newest turns out bad
+                                   # (a loss spike), one before it remains; at full scale each is ~3 GB with AdamW
     log_every: int = 10            # metrics.jsonl / W&B interval (steps)
     seed: int = 0  # everything random derives from this
     mode: str = "standard"  # "standard" (as built), "small" (least memory) or "fast" (throughput): see anymal.modes
@@ -291,7 +294,7 @@ def preset(name: str) -> Config:
     if name not in PRESETS: raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     return PRESETS[name]()
 
-# %% ../nbs/00_config.ipynb #0aabaf9e
+# %% ../nbs/00_config.ipynb #9a036c23
 class Rule(typing.NamedTuple):
     "What a config value must be: `ok(value)` says whether it is, `text` says it to the user."
     text: str
@@ -338,6 +341,7 @@ RULES = {  # config key -> what its value must be (one line per key; a key witho
     "lora.dropout": DROPOUT,
     "data.max_len": SIZE,
     "data.num_workers": at_least(0, "0: load in the training process"),
+    "data.max_skipped": between(0, 1),
     "data.world_images": at_least(0, "0: no world"),
     "data.world_val_images": COUNT,
     "data.world_image_size": SIZE,
@@ -355,6 +359,7 @@ RULES = {  # config key -> what its value must be (one line per key; a key witho
     "train.eval_every": at_least(0, "0: only after the last step"),
     "train.eval_batches": at_least(0, "0: no validation"),
     "train.save_every": at_least(0, "0: only after the last step"),
+    "train.keep_last": at_least(0, "0: keep every checkpoint"),
     "train.log_every": at_least(0, "0: only after the last step"),
     "train.mode": one_of("standard", "small", "fast"),
     "standins.clip_steps": at_least(0, "0: a random tower"),

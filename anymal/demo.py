@@ -207,7 +207,7 @@ def accuracy_curve(out, # a finished `demo` folder (with results.json)
     )
     return rows
 
-# %% ../nbs/21_demo.ipynb #29b94c53
+# %% ../nbs/21_demo.ipynb #f10fb9b3
 def demo_main(argv: list[str] | None = None) -> int:
     "`anymal demo`: the whole tiny pipeline end to end; prints one JSON line of results."
     ap = argparse.ArgumentParser(prog="anymal demo", description=demo_main.__doc__)
@@ -230,7 +230,8 @@ def demo_main(argv: list[str] | None = None) -> int:
         "1 trains in this process)",
     )
     ap.add_argument(
-        "--curve", action="store_true", help="afterwards, evaluate every stage-2 checkpoint: accuracy against time"
+        "--curve", action="store_true", help="afterwards, evaluate every stage-2 checkpoint: accuracy against time "
+        "(stage 2 then keeps them all: train.keep_last=0)"
     )
     ap.add_argument(
         "--curve-limit", type=positive_int, default=600, help="test questions per checkpoint for --curve (default 600)"
@@ -247,7 +248,7 @@ def demo_main(argv: list[str] | None = None) -> int:
         base,
         args.out,
         args.sets,
-        {1: args.stage1, 2: args.stage2},
+        {1: args.stage1, 2: [*(["train.keep_last=0"] if args.curve else []), *args.stage2]},  # --curve: every one
         not args.no_heldout,
         args.eval_limit,
         not args.no_progress,

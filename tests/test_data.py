@@ -7,13 +7,14 @@ import io, json, re, tarfile, time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest, torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
 from anymal.config import override, tiny
-from anymal.data import (CaptionDataset, Collator, InstructDataset, PromptDataset, build_dataset, build_loader,
-                         caption_prompts, collate, vqa_prompts)
+from anymal.data import (CaptionDataset, Collator, InstructDataset, PromptDataset, SkipTally, TooManySkipped,
+                         build_dataset, build_loader, caption_prompts, collate, decode_image, load_image, vqa_prompts)
 from anymal.vision import clip_preprocess
 from anymal.tokenizer import (EOT, IMAGE_MARKER, IMAGE_TOKEN, PAD_TOKEN, BadRecord, LLAMA3_CHAT_TEMPLATE, encode_chat,
                               load_tokenizer, train_tokenizer)
@@ -301,7 +302,8 @@ def test_round_trip_stage2(root, tok, cfg):
     assert len(ds) == len(recs) and not ds.skipped
     batch = next(iter(build_loader(ds, tok, cfg, shuffle=False)))
     B = cfg.train.batch_size
-    assert set(batch) == {"input_ids", "attention_mask", "labels", "n_images", "pixels", "image_keys", "sample_ids"}
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "n_images", "pixels", "image_keys", "sample_ids", "skipped"}
+    assert batch["skipped"] == []
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
     assert batch["input_ids"].shape[1] == batch["attention_mask"].sum(1).max() <= cfg.data.max_len  # dynamic padding
     assert batch["n_images"].tolist() == [1] * B and batch["pixels"].shape == (B, 3, 64, 64)
@@ -439,7 +441,7 @@ def test_too_many_bad_records_in_a_row(root, tok, cfg, good, tmp_path):
     (root / "images/corrupt.png").write_bytes(b"not an image")
     path = _llava(tmp_path, [dict(good, image="corrupt.png")] * 5)
     ds = InstructDataset(path, root / "images", tok, cfg, skip_bad=True)
-    with pytest.raises(RuntimeError, match="bad records in a row"): ds[0]
+    with pytest.raises(TooManySkipped, match="bad records in a row"): ds[0]
 
 
 def _shard(path, samples):
@@ -470,6 +472,68 @@ def test_bad_caption_shards(root, tok, cfg, tmp_path):
     with pytest.raises(BadRecord, match="s-00000.tar/e: empty caption"): strict[2]
     with pytest.raises(BadRecord, match="s-00000.tar/f: caption is not UTF-8"): strict[3]
     with pytest.raises(FileNotFoundError, match="no caption shards"): CaptionDataset(tmp_path / "none-*.tar", tok, cfg)
+
+
+def _bytes(im, fmt="PNG", **kw):
+    b = io.BytesIO(); im.save(b, fmt, **kw); return b.getvalue()
+
+
+def test_images_decode_as_a_viewer_shows_them(root, cfg):
+    "16-bit, palette, CMYK, grayscale and alpha images become the RGB picture they show; EXIF orientation is applied."
+    tf = clip_preprocess(cfg.vision)
+    rgb = Image.open(root / "images/train/100000.png").convert("RGB")
+    gray = np.asarray(rgb.convert("L"))
+    deep = _bytes(Image.fromarray(gray.astype(np.uint16) * 257))  # the 8-bit picture with 16 bits per pixel
+    assert Image.open(io.BytesIO(deep)).mode == "I;16"
+    assert np.asarray(Image.open(io.BytesIO(deep)).convert("RGB")).mean() > 250 > gray.mean() + 100  # what PIL does
+    x16, x8 = tf(decode_image(deep)), tf(decode_image(_bytes(Image.fromarray(gray))))
+    assert torch.allclose(x16, x8, atol=1e-6)
+    assert torch.allclose(tf(decode_image(_bytes(rgb.convert("L")))), x8, atol=1e-6)  # grayscale: the same three channels
+    cmyk = np.asarray(decode_image(_bytes(rgb.convert("CMYK"), "JPEG", quality=95)), dtype=float)
+    assert np.abs(cmyk - np.asarray(rgb, dtype=float)).mean() < 4  # JPEG's loss only
+    rgba = rgb.convert("RGBA"); rgba.putpixel((0, 0), (0, 0, 0, 0)); rgba.putpixel((1, 0), (0, 0, 0, 128))
+    out = decode_image(_bytes(rgba))
+    assert out.getpixel((0, 0)) == (255, 255, 255) and out.getpixel((1, 0)) == (127, 127, 127)  # onto white
+    assert out.getpixel((9, 9)) == rgb.getpixel((9, 9))
+    la = Image.merge("LA", [rgb.convert("L"), Image.new("L", rgb.size, 255)]); la.putpixel((0, 0), (0, 0))
+    assert decode_image(_bytes(la)).getpixel((0, 0)) == (255, 255, 255) and decode_image(_bytes(la)).getpixel((9, 9))[0] == gray[9, 9]
+    pal = rgb.quantize(8); bg = pal.getpixel((0, 0))
+    out = decode_image(_bytes(pal, transparency=bg))
+    assert out.getpixel((0, 0)) == (255, 255, 255)  # the transparent palette entry
+    assert out.getpixel((32, 32)) == pal.convert("RGB").getpixel((32, 32)) or pal.getpixel((32, 32)) == bg
+    assert decode_image(_bytes(pal)).getpixel((0, 0)) == pal.convert("RGB").getpixel((0, 0))  # opaque palette: as is
+    half = Image.new("RGB", (16, 8), (255, 0, 0)); half.paste((0, 0, 255), (8, 0, 16, 8))  # red left, blue right
+    exif = Image.Exif(); exif[0x0112] = 6  # stored rotated: turn 90 degrees clockwise to view
+    up = decode_image(_bytes(half, "JPEG", exif=exif, quality=95))
+    assert up.size == (8, 16)
+    top, bottom = up.getpixel((4, 2)), up.getpixel((4, 13))
+    assert top[0] > 200 > top[2] and bottom[2] > 200 > bottom[0]  # red on top: turned clockwise, as a viewer shows it
+    with pytest.raises(BadRecord, match="x.png: cannot decode image: OSError: .*truncated") as e:
+        load_image(_bytes(rgb)[:300], "x.png")
+    assert e.value.kind == "corrupt image"
+    with pytest.raises(BadRecord, match="y: cannot decode image: UnidentifiedImageError") as e: load_image(b"garbage", "y")
+    assert e.value.kind == "corrupt image"
+
+
+def test_skips_are_counted_across_workers(root, tok, cfg, tmp_path):
+    "Bad records found in DataLoader workers reach the training process in the batches, each counted once."
+    png = (root / "images/train/100000.png").read_bytes()
+    samples = [(f"{i:03d}.png", png[:200] if i % 5 == 0 else png) for i in range(40)]  # 8 truncated images
+    _shard(tmp_path / "s-00000.tar", [x for name, data in samples for x in
+                                      ((name, data), (name.replace("png", "txt"), b"A red circle."))])
+    ds = CaptionDataset(tmp_path / "s-*.tar", tok, cfg, skip_bad=True)
+    tally = SkipTally(ds)
+    for b in DataLoader(ds, batch_size=4, num_workers=2, collate_fn=Collator(tok.pad_token_id)): tally.add(b["skipped"])
+    assert not ds.skipped  # this process read nothing
+    assert tally.counts() == Counter({"corrupt image": 8}) and tally.records == 40
+    assert "s-00000.tar/000: cannot decode image" in tally.describe()
+    with pytest.raises(TooManySkipped, match=r"skipped 8 of 40 records \(20.0%\): corrupt image 8; first: .*"
+                                             r"more than data.max_skipped=0.1"):
+        tally.check(0.1)
+    strict = CaptionDataset(tmp_path / "s-*.tar", tok, cfg)  # not skipping: the first is an error naming it
+    with pytest.raises(BadRecord) as e:
+        for b in DataLoader(strict, batch_size=4, num_workers=2, collate_fn=Collator(tok.pad_token_id)): pass
+    assert str(e.value).startswith("s-00000.tar/000: cannot decode image: OSError") and "\n" not in str(e.value)
 
 
 def test_prompt_dataset_missing_image(root, tok, cfg):

@@ -7,14 +7,11 @@ import pytest
 import torch
 import yaml
 
-from anymal.config import tiny, override
-from anymal.world import generate_world, iter_world_text
-from anymal.tokenizer import train_tokenizer
-from anymal.llm import random_llm
-from anymal.vision import build_clip
+from anymal.config import override
 from anymal.model import AnyMAL
 from anymal.checkpoint import save_checkpoint, load_for_inference
 from anymal.infer import Assistant
+from parts import tiny_parts
 
 REPO = Path(__file__).resolve().parents[1]
 LLAMA3 = "meta-llama/Meta-Llama-3-8B-Instruct"
@@ -36,14 +33,7 @@ def made(tmp_path_factory):
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("export")
-    cfg = override(tiny(), [f"data.root={root / 'world'}", "data.world_images=8", "data.world_val_images=4"])
-    generate_world(root / "world", cfg)
-    tok = train_tokenizer(iter_world_text(root / "world"), cfg.llm.vocab_size, root / "world" / "tokenizer")
-    torch.manual_seed(0)
-    random_llm(cfg.llm).save_pretrained(root / "llm")
-    torch.save(build_clip(cfg.vision).state_dict(), root / "clip.pt")
-    cfg = override(cfg, [f"llm.path={root / 'llm'}", f"llm.tokenizer={root / 'world/tokenizer'}",
-                         f"vision.pretrained={root / 'clip.pt'}"])
+    cfg, tok = tiny_parts(root, ["data.world_images=8", "data.world_val_images=4"])
     s1 = save_checkpoint(root / "s1" / "final", AnyMAL.build(cfg, tok, stage=1), override(cfg, ["train.stage=1"]),
                          step=5, stage=1)
     cfg = override(cfg, ["train.stage=2", f"train.init_from={root / 's1'}"])

@@ -7,17 +7,14 @@ import pytest
 import torch
 from PIL import Image
 
-from anymal.config import tiny, override
+from anymal.config import override
 from anymal.data import Collator, build_dataset
 from anymal.metrics import vqa_prompt
 from anymal.cli import main
 from anymal.infer import Assistant, Chat, chat_main, make_answer_fn
-from anymal.llm import random_llm
 from anymal.model import AnyMAL
-from anymal.tokenizer import train_tokenizer
 from anymal.trainer import fit
-from anymal.vision import build_clip
-from anymal.world import generate_world, iter_world_text
+from parts import tiny_parts
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 40
@@ -38,14 +35,8 @@ def trained(tmp_path_factory):
     pretraining would), then bridge + LoRA trained for a few dozen steps with the real trainer."""
     n = torch.get_num_threads(); torch.set_num_threads(1)
     t0, root = time.time(), tmp_path_factory.mktemp("infer")
-    cfg = override(tiny(), [f"data.root={root / 'world'}", "data.world_images=64", "data.world_val_images=8"])
-    generate_world(root / "world", cfg)
-    tok = train_tokenizer(iter_world_text(root / "world"), cfg.llm.vocab_size, root / "world" / "tokenizer")
-    torch.manual_seed(0)
-    random_llm(cfg.llm).save_pretrained(root / "llm")
-    torch.save(build_clip(cfg.vision).state_dict(), root / "clip.pt")
-    cfg = override(cfg, [f"llm.path={root / 'llm'}", f"llm.tokenizer={root / 'world' / 'tokenizer'}",
-                         f"vision.pretrained={root / 'clip.pt'}", f"train.out_dir={root / 'run'}", "train.stage=2",
+    cfg, tok = tiny_parts(root, ["data.world_images=64", "data.world_val_images=8"])
+    cfg = override(cfg, [f"train.out_dir={root / 'run'}", "train.stage=2",
                          f"train.steps={STEPS}", "train.batch_size=8", "train.warmup=2", "train.eval_every=0",
                          "train.save_every=0", "train.log_every=10", "train.lr=3e-3", "train.lora_lr=3e-3"])
     model = AnyMAL.build(cfg, tok, stage=2)

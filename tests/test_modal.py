@@ -215,22 +215,12 @@ def test_web_endpoint_opens_only_when_asked(monkeypatch):
 @pytest.mark.filterwarnings("ignore:The web function is executing locally")
 def test_web_function_body_serves_the_page_locally(tmp_path, monkeypatch, appmod):
     "The endpoint's own body, run locally on a tiny checkpoint in a temporary runs volume: the page, and an answer."
-    import torch
     from starlette.testclient import TestClient
     from anymal.checkpoint import save_checkpoint
-    from anymal.llm import random_llm
     from anymal.model import AnyMAL
-    from anymal.tokenizer import train_tokenizer
-    from anymal.vision import build_clip
-    from anymal.world import generate_world, iter_world_text
-    cfg = override(tiny(), [f"data.root={tmp_path / 'world'}", "data.world_images=8", "data.world_val_images=4"])
-    generate_world(tmp_path / "world", cfg)
-    tok = train_tokenizer(iter_world_text(tmp_path / "world"), cfg.llm.vocab_size, tmp_path / "world" / "tokenizer")
-    torch.manual_seed(0)
-    random_llm(cfg.llm).save_pretrained(tmp_path / "llm")
-    torch.save(build_clip(cfg.vision).state_dict(), tmp_path / "clip.pt")
-    cfg = override(cfg, [f"llm.path={tmp_path / 'llm'}", f"llm.tokenizer={tmp_path / 'world/tokenizer'}",
-                         f"vision.pretrained={tmp_path / 'clip.pt'}", "train.stage=2"])
+    from parts import tiny_parts
+    cfg, tok = tiny_parts(tmp_path, ["data.world_images=8", "data.world_val_images=4"])
+    cfg = override(cfg, ["train.stage=2"])
     save_checkpoint(tmp_path / "vol/runs/demo/s2/final", AnyMAL.build(cfg, tok, stage=2), cfg, step=3, stage=2)
     monkeypatch.setenv("ANYMAL_VOLUMES", str(tmp_path / "vol"))
     monkeypatch.setenv("ANYMAL_SERVE_MODEL", "demo/s2")
@@ -271,3 +261,29 @@ def test_web_function_body_serves_the_page_locally(tmp_path, monkeypatch, appmod
         ("user", "What color is the circle? [1 image]"), ("assistant", want)], (chat, want)
     assert status.startswith("Answered in") and len(looked) == 1
     print(f"the endpoint answered through gradio_client in {time.time() - t0:.1f} s")
+
+
+@pytest.mark.filterwarnings("ignore:The train function is executing locally")
+def test_a_preempted_train_call_resumes_from_the_checkpoint_it_left(volumes, appmod):
+    """Modal pre-empts with SIGINT, then runs the call again: the first saves its step (and reports it, so the volume is
+    committed), the second resumes from it, and the run logs what an uninterrupted one logs."""
+    import signal, threading
+    from anymal.checkpoint import latest_checkpoint
+    from anymal.runlog import read_metrics
+    from anymal.trainer import Interrupted
+    extra = ["train.steps=20", "train.save_every=100", "train.eval_every=5"]
+    def cfg(name): return override(small_tiny(f"runs/{name}"), extra)
+    run, seen = volumes / "runs/p1", []
+    def preempt():  # once a step is logged, as Modal would
+        while not read_metrics(run): time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGINT)
+    threading.Thread(target=preempt, daemon=True).start()
+    with pytest.raises(Interrupted, match="stopped by SIGINT at step") as e:
+        cloud.train_job(to_json(cfg("p1")), "p1", on_checkpoint=seen.append, every=60)
+    ck = latest_checkpoint(run)
+    assert seen == [ck] and str(ck) in str(e.value) and not (run / "final").exists()
+    assert appmod.train.local(to_json(cfg("p1")), "p1") == str(run / "final")  # the call again: it resumes
+    appmod.train.local(to_json(cfg("p2")), "p2")  # never stopped
+    timing = ("time", "tokens_per_s")
+    def records(r): return [{k: v for k, v in x.items() if k not in timing} for x in read_metrics(r)]
+    assert records(run) == records(volumes / "runs/p2") and read_metrics(run)[-1]["step"] == 20

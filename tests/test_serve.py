@@ -9,15 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from anymal.config import tiny, override
+from anymal.config import override
 from anymal.data import Collator, build_dataset
 from anymal.infer import Assistant, open_image
-from anymal.llm import random_llm
 from anymal.model import AnyMAL
-from anymal.tokenizer import train_tokenizer
 from anymal.trainer import fit
-from anymal.vision import build_clip
-from anymal.world import generate_world, iter_world_text
+from parts import tiny_parts
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 40
@@ -36,21 +33,15 @@ def run_cli(*args, env=None, timeout=120) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A tiny stage-2 checkpoint (as in tests/test_infer.py): a world and its tokenizer, a random LLM and CLIP saved to
-    files, bridge + LoRA trained for a few dozen steps. Its config names the world, so the page offers examples."""
+    """A tiny stage-2 checkpoint (as in tests/test_infer.py): the frozen parts of tests/parts.py, bridge + LoRA trained
+    for a few dozen steps. Its config names the world, so the page offers examples."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("serve")
-    cfg = override(tiny(), [f"data.root={root / 'world'}", "data.world_images=64", "data.world_val_images=8"])
-    generate_world(root / "world", cfg)
-    tok = train_tokenizer(iter_world_text(root / "world"), cfg.llm.vocab_size, root / "world" / "tokenizer")
-    torch.manual_seed(0)
-    random_llm(cfg.llm).save_pretrained(root / "llm")
-    torch.save(build_clip(cfg.vision).state_dict(), root / "clip.pt")
-    cfg = override(cfg, [f"llm.path={root / 'llm'}", f"llm.tokenizer={root / 'world' / 'tokenizer'}",
-                         f"vision.pretrained={root / 'clip.pt'}", f"train.out_dir={root / 'run'}", "train.stage=2",
-                         f"train.steps={STEPS}", "train.batch_size=8", "train.warmup=2", "train.eval_every=0",
-                         "train.save_every=0", "train.log_every=10", "train.lr=3e-3", "train.lora_lr=3e-3"])
+    cfg, tok = tiny_parts(root, ["data.world_images=64", "data.world_val_images=8"])
+    cfg = override(cfg, [f"train.out_dir={root / 'run'}", "train.stage=2", f"train.steps={STEPS}", "train.batch_size=8",
+                         "train.warmup=2", "train.eval_every=0", "train.save_every=0", "train.log_every=10",
+                         "train.lr=3e-3", "train.lora_lr=3e-3"])
     fit(cfg, AnyMAL.build(cfg, tok, stage=2), build_dataset(cfg, tok, 2, "train"), collate_fn=Collator(tok.pad_token_id),
         progress=False)
     w = root / "world"

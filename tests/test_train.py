@@ -1,7 +1,7 @@
 """The trainer's contract (anymal.trainer, anymal.checkpoint, anymal.runlog), on the toy model of tests/toy.py:
 exact resume, two CPU processes under torchrun, NaN stop, refusal of mismatched checkpoints, atomic saves,
 gradient accumulation, the LR schedule, metrics.jsonl and W&B."""
-import math, os, subprocess, sys, time, warnings
+import math, os, signal, subprocess, sys, time, warnings
 from pathlib import Path
 import pytest
 import torch
@@ -12,7 +12,7 @@ from anymal.checkpoint import (CheckpointMismatch, latest_checkpoint, load_for_i
                                load_trainable, read_meta, trainable_state_dict)
 from anymal.config import tiny, override  # noqa: E402
 from toy import ToySeqs, ToyVLM  # noqa: E402
-from anymal.trainer import NonFiniteError, fit, lr_factor  # noqa: E402
+from anymal.trainer import Interrupted, NonFiniteError, StopSignals, fit, lr_factor  # noqa: E402
 from anymal.runlog import read_metrics  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -264,3 +264,116 @@ def test_fit_trains_tiny_anymal(tmp_path):
     assert all(torch.equal(v, m2.trainable_state_dict()[k]) for k, v in m1.trainable_state_dict().items())  # lr 0
     t2 = read_meta(tmp_path / "s2" / "final")["arch"]["tensors"]
     assert any("lora_" in k for k in t2) and read_metrics(tmp_path / "s2")[-1]["lr_groups"].keys() == {"bridge", "lora"}
+
+
+# ---- stopping on a signal (anymal.trainer.StopSignals) and pruning old checkpoints (train.keep_last) ----
+
+TIMING = ("time", "tokens_per_s")  # the only fields of a metrics record that may differ between equal runs
+
+
+def records(out): return [{k: v for k, v in r.items() if k not in TIMING} for r in read_metrics(out)]
+
+
+def send_at(step, sig):
+    "An on_step that sends this process `sig` after `step`, as Ctrl-C (SIGINT) or a scheduler (SIGTERM) would."
+    def on_step(s, m):
+        if s == step: os.kill(os.getpid(), sig)
+    return on_step
+
+
+@pytest.mark.parametrize("sig,step", [(signal.SIGINT, 6), (signal.SIGTERM, 8)], ids=["sigint-between-saves", "sigterm-at-a-save"])
+def test_signal_saves_the_step_and_resume_matches(tmp_path, sig, step):
+    "A signal stops the run at the end of the step with a checkpoint of it; resumed, every record is the uninterrupted one."
+    sets = ["resampler.dropout=0.2", "train.log_every=4", "train.keep_last=0"]  # log window open at step 6; saves at 4, 8
+    train_toy(tmp_path / "a", *sets)
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Interrupted) as e: train_toy(tmp_path / "b", *sets, on_step=send_at(step, sig))
+    name = signal.Signals(sig).name
+    ck = tmp_path / "b" / "checkpoints" / f"step-{step:08d}"
+    assert str(e.value) == f"stopped by {name} at step {step}; checkpoint {ck}; continue with --resume"
+    assert e.value.exit_code == 128 + sig and isinstance(e.value, KeyboardInterrupt)
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before  # handlers given back
+    assert latest_checkpoint(tmp_path / "b") == ck and load_train_state(ck)["progress"]["step"] == step
+    assert sorted(p.name for p in ck.parent.iterdir()) == ["latest", "step-00000004", ck.name]  # step 8: saved once
+    assert not (tmp_path / "b" / "final").exists()
+    assert read_metrics(tmp_path / "b", "train")[-1]["step"] == (4 if step == 6 else 8)  # steps 5-6: in the checkpoint
+    train_toy(tmp_path / "b", *sets, resume=True)
+    assert records(tmp_path / "a") == records(tmp_path / "b")
+    assert len(read_metrics(tmp_path / "b", "train")) == 3  # steps 4, 8, 12: the window of steps 5-8 was carried over
+
+
+def test_a_repeated_signal_is_one_request_a_later_one_stops_at_once():
+    with StopSignals() as st:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)  # at once: a group's Ctrl-C, or torchrun passing on what its workers got
+        assert st.signum == signal.SIGTERM
+    with StopSignals(repeat_s=0) as st:
+        os.kill(os.getpid(), signal.SIGINT)
+        with pytest.raises(Interrupted, match="stopped at once by a second SIGINT") as e: os.kill(os.getpid(), signal.SIGINT)
+        assert e.value.exit_code == 130
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_keep_last_prunes_old_checkpoints_and_resume_still_works(tmp_path):
+    "save_every=1, keep_last=2: two step checkpoints (+ final) at any time, and a crash in between resumes exactly."
+    sets = ["train.save_every=1", "train.keep_last=2"]
+    with pytest.raises(Crash): train_toy(tmp_path / "b", *sets, on_step=crash_at(7))
+    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["latest", "step-00000006", "step-00000007"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # keep_last changes what is kept, not the run: no "changed train config" warning
+        train_toy(tmp_path / "b", "train.save_every=1", "train.keep_last=3", resume=True)
+    assert sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir()) == ["latest", "step-00000010", "step-00000011",
+                                                                                   "step-00000012"]
+    assert (tmp_path / "b" / "final" / "meta.json").exists()
+    train_toy(tmp_path / "a", "train.save_every=1", "train.keep_last=0")  # 0: keep all
+    assert len(list((tmp_path / "a" / "checkpoints").glob("step-*"))) == 12
+    assert records(tmp_path / "a") == records(tmp_path / "b")
+    from anymal.config import ConfigError
+    with pytest.raises(ConfigError, match=r"train.keep_last=-1: must be >= 0 \(0: keep every checkpoint\)"):
+        toy_cfg(tmp_path, "train.keep_last=-1")
+
+
+def test_torchrun_ranks_agree_to_stop(tmp_path):
+    "Only rank 1 is signalled (after step 5): both ranks stop after step 5 with one checkpoint; resumed, they finish."
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO / "tests" / "ddp_toy_run.py"), str(tmp_path / "two"), "train.batch_size=4"]
+    r = subprocess.run(cmd, env=dict(env, TOY_SIGNAL="1:5"), capture_output=True, text=True, timeout=180)
+    assert r.returncode != 0, r.stderr[-3000:]
+    ck = tmp_path / "two" / "checkpoints" / "step-00000005"
+    for rank in (0, 1): assert f"rank {rank}: stopped by SIGTERM at step 5; checkpoint {ck}" in r.stderr, r.stderr[-3000:]
+    assert latest_checkpoint(tmp_path / "two") == ck and len(load_train_state(ck)["rng"]) == 2
+    assert max(x["step"] for x in read_metrics(tmp_path / "two")) == 5
+    r = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    train_toy(tmp_path / "one")  # one process, batch 8 = two of 4
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert [(x["step"], x["split"]) for x in one] == [(x["step"], x["split"]) for x in two]
+    for x, y in zip(one, two): assert math.isclose(x["loss"], y["loss"], rel_tol=1e-5) and x["tokens"] == y["tokens"]
+
+
+def test_a_signal_to_the_launcher_reaches_the_processes(tmp_path):
+    "SIGTERM to the process that started torchrun (all a cloud may signal): passed on, the ranks save and stop, so does it."
+    out = tmp_path / "run"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                str(REPO / "tests" / "ddp_toy_run.py"), str(out), "train.batch_size=4", "train.steps=100000",
+                "train.save_every=100000", "train.eval_every=0"]
+    code = ("import sys\nfrom anymal.trainer import Interrupted, run_passing_signals\n"
+            f"try: run_passing_signals({torchrun!r}, {str(out)!r})\n"
+            "except Interrupted as e:\n    print(e, file=sys.stderr)\n    sys.exit(e.exit_code)\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    p = subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not read_metrics(out) and p.poll() is None and time.time() < deadline: time.sleep(0.05)
+        assert read_metrics(out), "the run never logged a step"
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None: p.kill()
+    ck = latest_checkpoint(out)
+    assert p.returncode == 143, err[-3000:]
+    assert err.strip().splitlines()[-1] == (f"stopped by SIGTERM, passed on to the training process (its exit code: 1); "
+                                            f"checkpoint {ck}; continue with --resume"), err[-3000:]
+    step = load_train_state(ck)["progress"]["step"]
+    assert len(load_train_state(ck)["rng"]) == 2 and max(x["step"] for x in read_metrics(out)) == step < 100000

@@ -1,0 +1,23 @@
+"""Frozen parts for tests, saved the way the real ones are: a tiny shapes world and its tokenizer, a random tiny LLaMA
+(a transformers folder) and tiny CLIP weights (a file), and the config that loads them.
+
+A test helper, not part of the library: tests import it as `from parts import tiny_parts`."""
+from __future__ import annotations
+from pathlib import Path
+import torch
+from anymal.config import Config, override, tiny
+from anymal.llm import random_llm
+from anymal.tokenizer import train_tokenizer
+from anymal.vision import build_clip
+from anymal.world import generate_world, iter_world_text
+
+def tiny_parts(root: Path, sets=()) -> tuple[Config, object]:
+    "`(cfg, tokenizer)`: `tiny()` with `sets`, its world under `root/world`, a LLaMA at `root/llm`, CLIP at `root/clip.pt`."
+    cfg = override(tiny(), [f"data.root={root / 'world'}", *sets])
+    generate_world(root / "world", cfg)
+    tok = train_tokenizer(iter_world_text(root / "world"), cfg.llm.vocab_size, root / "world" / "tokenizer")
+    torch.manual_seed(0)
+    random_llm(cfg.llm).save_pretrained(root / "llm")
+    torch.save(build_clip(cfg.vision).state_dict(), root / "clip.pt")
+    return override(cfg, [f"llm.path={root / 'llm'}", f"llm.tokenizer={root / 'world' / 'tokenizer'}",
+                          f"vision.pretrained={root / 'clip.pt'}"]), tok
