@@ -288,3 +288,19 @@ def test_gradio_is_imported_only_to_serve():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120,
                        env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert r.stdout.split() == ["False", "True", "True"], (r.stdout, r.stderr[-2000:])
+
+
+def test_an_example_fills_the_page(trained, served, browser):
+    "The examples are questions about the world's test images: clicking one uploads its image and fills the question."
+    from playwright.sync_api import expect
+    from anymal.serve import world_examples
+    examples = world_examples(trained["asst"].cfg)
+    assert len(examples) == 4 and all(Path(p[0]).parent == trained["world"] / "images" / "test" for p, _ in examples)
+    page = open_page(browser, served["url"])
+    (image,), question = examples[1]
+    page.get_by_text(question, exact=True).click()
+    expect(page.locator("#anymal-prompt textarea")).to_have_value(question, timeout=15_000)
+    expect(page.locator("#anymal-status")).to_contain_text("1 image ready", timeout=30_000)
+    expect(page.locator("#anymal-images")).to_contain_text(Path(image).stem)  # shown as "300001" and ".png"
+    assert page.elsewhere == []
+    page.close()
