@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     try:
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=a.chromium, headless=True)
-            page = browser.new_page(viewport={"width": 1280, "height": 760})
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
             page.goto(url)
             page.locator("#anymal-images input[type=file]").set_input_files(str(image))
             expect(page.locator("#anymal-status")).to_contain_text("ready", timeout=60_000)
@@ -42,6 +42,7 @@ def main(argv=None) -> int:
             page.locator("#anymal-send").click()
             expect(page.locator("#anymal-status")).to_contain_text("Answered in", timeout=300_000)
             expect(page.locator("#anymal-looked")).to_contain_text("of the answer's attention")
+            page.wait_for_timeout(1000)  # the gallery's caption fades in
             Path(a.out).parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=a.out, full_page=True)
             answer = page.locator('#anymal-chat [data-testid="bot"]').last.inner_text().strip()
