@@ -12,6 +12,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	@command -v java >/dev/null || echo "note: no Java found: caption metrics need a JRE (apt-get install default-jre-headless)"
+	@command -v chromium >/dev/null || echo "note: no Chromium found: tests/test_serve.py drives it (apt-get install chromium)"
 	touch $(STAMP)
 
 demo: setup           ## the tiny pipeline end to end: world, tiny CLIP/LLaMA, stage 1, stage 2, evaluation; then accuracy against time

@@ -12,7 +12,7 @@ from .config import Config, UserError, add_config_args, config_from_args, overri
 # %% auto #0
 __all__ = ['COMMANDS', 'PRESET_ARGS', 'CHECKPOINT_SETS', 'EXTRA_SETS', 'USER_ERRORS', 'info_main', 'check_config_args', 'main']
 
-# %% ../nbs/23_cli.ipynb #af290859
+# %% ../nbs/23_cli.ipynb #b431e6c3
 COMMANDS = {  # subcommand -> "module:function"; each function takes argv (list of str) and returns an exit code
     "info": ("anymal.cli:info_main", "print the resolved config and model sizes"),
     "world": ("anymal.world:world_main", "write the synthetic shapes world"),
@@ -28,6 +28,7 @@ COMMANDS = {  # subcommand -> "module:function"; each function takes argv (list 
     "plot": ("anymal.plots:plot_main", "plot loss/lr curves of runs"),
     "prepare": ("anymal.prepare:prepare_main", "download and lay out the full-scale datasets"),
     "export": ("anymal.export:export_main", "write a checkpoint in Hugging Face formats with a model card; push it"),
+    "serve": ("anymal.serve:serve_main", "a chat page in the browser: streamed answers, where the model looked"),
 }
 
 def _resolve(name: str):
@@ -61,9 +62,9 @@ def info_main(argv: list[str] | None = None) -> int:
         if "model" in out: print("[model]\n" + json.dumps(out["model"], indent=2))
     return 0
 
-# %% ../nbs/23_cli.ipynb #97efe4ca
+# %% ../nbs/23_cli.ipynb #f1ab343f
 PRESET_ARGS = {"info", "world", "standins", "train", "demo", "bench", "prepare"}  # --preset/--config/--set
-CHECKPOINT_SETS = {"eval", "chat", "export"}  # --set, over a checkpoint's config
+CHECKPOINT_SETS = {"eval", "chat", "export", "serve"}  # --set, over a checkpoint's config
 EXTRA_SETS = {"demo": ("--stage1", "--stage2")}  # further overrides, applied after --set
 
 def check_config_args(name: str, # a subcommand

@@ -196,7 +196,7 @@ def build(cls: AnyMAL, cfg: Config, tokenizer=None, stage: int = 1, device="cpu"
     model = cls(cfg, enc, build_bridge(cfg).to(device), build_llm(cfg, stage, device), **ids)
     return model.set_stage(stage)
 
-# %% ../nbs/06_model.ipynb #d0e9a3b2
+# %% ../nbs/06_model.ipynb #eb952bc2
 def sample_next(logits: torch.Tensor, # (B, V)
                 temperature: float = 0.0, top_p: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
     "Next ids `(B,)`: argmax at temperature 0, else a sample from the smallest set of mass >= `top_p`."
@@ -213,32 +213,41 @@ def _until_eos(row: list, eos: list) -> list:
 
 @patch
 @torch.no_grad()
-def generate(self: AnyMAL, input_ids, attention_mask=None, pixels=None, image_feats=None, n_images=None,
-             max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0, use_cache: bool = True,
-             generator: torch.Generator | None = None, sample_ids=None) -> list:
-    "New token ids per left-padded prompt (end id excluded); `use_cache=False` recomputes everything (for tests)."
+def stream(self: AnyMAL, input_ids, attention_mask=None, pixels=None, image_feats=None, n_images=None,
+           max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0, use_cache: bool = True,
+           generator: torch.Generator | None = None, sample_ids=None):
+    "Yield the next ids `(B,)` of left-padded prompts one step at a time (`pad_id` in finished rows, end ids included)."
     am = torch.ones_like(input_ids) if attention_mask is None else attention_mask.clone()
     if (am[:, -1] == 0).any(): raise ValueError("generate needs left-padded prompts; a row ends in padding")
     was_training, eos = self.training, torch.tensor(self.eos_ids, device=input_ids.device)
     self.eval()
     try:
         x = self.embed(input_ids, pixels, image_feats, n_images, sample_ids)  # (B, T, D)
-        cache, new = (DynamicCache(config=self.llm.config) if use_cache else None), []
+        cache = DynamicCache(config=self.llm.config) if use_cache else None
         done = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
         for _ in range(max_new_tokens):
             pos = position_ids(am)[:, -x.shape[1]:]
             h = self.decoder(inputs_embeds=x, attention_mask=am, position_ids=pos, cache=cache, use_cache=use_cache)
             nxt = sample_next(self.lm_head(h.last_hidden_state[:, -1]), temperature, top_p, generator)
-            new.append(nxt.masked_fill(done, self.pad_id))
+            new = nxt.masked_fill(done, self.pad_id)
+            yield new
             done |= torch.isin(nxt, eos)
             if done.all(): break
-            e = self.embed_tokens(new[-1])[:, None]  # (B, 1, D)
+            e = self.embed_tokens(new)[:, None]  # (B, 1, D)
             x = e if use_cache else torch.cat([x, e], 1)
             am = torch.cat([am, am.new_ones(len(am), 1)], 1)
     finally: self.train(was_training)
+
+@patch
+def generate(self: AnyMAL, input_ids, attention_mask=None, pixels=None, image_feats=None, n_images=None,
+             max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0, use_cache: bool = True,
+             generator: torch.Generator | None = None, sample_ids=None) -> list:
+    "New token ids per left-padded prompt (end id excluded); `use_cache=False` recomputes everything (for tests)."
+    new = list(self.stream(input_ids, attention_mask, pixels, image_feats, n_images, max_new_tokens, temperature,
+                           top_p, use_cache, generator, sample_ids))
     return [_until_eos(r, self.eos_ids) for r in torch.stack(new, 1).tolist()]
 
-# %% ../nbs/06_model.ipynb #23a65f48
+# %% ../nbs/06_model.ipynb #98a0abbf
 def _count(m: nn.Module, keep=lambda name: True) -> int:
     return sum(p.numel() for n, p in m.named_parameters() if keep(n))
 

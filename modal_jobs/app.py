@@ -8,9 +8,11 @@ Command lines (after `modal setup` and the two secrets, see modal_jobs/README.md
     modal run --detach modal_jobs/app.py --config my.json --gpu H100 --n-gpus 8 --run-name s2
     modal run modal_jobs/app.py::evaluate --run-name s2 --args "--split val2014 --caption-split val2017 --control none blank --captions"
     modal volume get anymal-runs s2/final runs/s2
+    ANYMAL_SERVE_MODEL=s2 modal deploy modal_jobs/app.py    # the chat page (`web`), behind Modal's proxy auth
 
 From Python: `anymal.cloud.submit(cfg, gpu="H100", n_gpus=8)`.
 """
+import os
 from pathlib import Path
 
 import modal
@@ -38,6 +40,16 @@ DAY = 24 * 3600  # Modal's longest timeout; retries start a fresh 24 h and the t
 TRAIN_TIMEOUT, TRAIN_RETRIES = DAY, 3   # a stage that needs more than 4 days is split into several calls
 PREPARE_TIMEOUT, EVAL_TIMEOUT = DAY, 6 * 3600
 EVAL_GPU = "L40S"  # NF4 8B inference needs ~8 GB: a 48 GB card at 78% of the A100-80GB price
+
+# The chat page (`anymal serve`) as a web endpoint. Which run it serves and whether it is open are read when the app is
+# deployed (`ANYMAL_SERVE_MODEL=s2 modal deploy modal_jobs/app.py`); the run name travels to the container as a secret.
+SERVE_MODEL = os.environ.get("ANYMAL_SERVE_MODEL", "full/stage2")  # a run (or checkpoint) on the runs volume
+SERVE_PUBLIC = os.environ.get("ANYMAL_SERVE_PUBLIC", "") == "1"  # only when asked: no Modal proxy auth in front
+SERVE_GPU = EVAL_GPU
+SERVE_MAX_INPUTS = 8  # requests one container holds at once; the page answers one at a time, the rest wait in its queue
+SERVE_MAX_CONTAINERS = 1  # one GPU at most, however many call: a leaked URL cannot multiply the bill
+SERVE_IDLE = 300  # seconds a container stays up after the last request (billed), then it stops
+SERVE_TIMEOUT = 3600  # the longest one request (a page's connection) may last
 
 app = modal.App(cloud.APP_NAME, image=image)
 
@@ -74,6 +86,17 @@ def evaluate(run_name: str, args: str = "--split val2014 --caption-split val2017
     rc = cloud.evaluate_job(run_name, args)
     committer(volumes["runs"])()
     return rc
+
+
+@app.function(gpu=SERVE_GPU, timeout=SERVE_TIMEOUT, max_containers=SERVE_MAX_CONTAINERS, scaledown_window=SERVE_IDLE,
+              volumes={f"{cloud.MOUNT_ROOT}/runs": volumes["runs"].read_only(), f"{cloud.MOUNT_ROOT}/hf": volumes["hf"]},
+              secrets=[modal.Secret.from_dict({"ANYMAL_SERVE_MODEL": SERVE_MODEL})], cpu=4.0, memory=32 * 1024)
+@modal.concurrent(max_inputs=SERVE_MAX_INPUTS)
+@modal.asgi_app(requires_proxy_auth=not SERVE_PUBLIC)
+def web():
+    "The chat page of `anymal serve` for run ANYMAL_SERVE_MODEL (runs volume, read only); Modal proxy auth unless public."
+    from anymal.serve import serve_job
+    return serve_job(os.environ.get("ANYMAL_SERVE_MODEL", SERVE_MODEL))
 
 
 @app.local_entrypoint()

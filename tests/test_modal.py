@@ -187,6 +187,82 @@ def test_train_job_on_two_processes_runs_torchrun(volumes):
     assert [r["step"] for r in recs if r["split"] == "train"] == [1, 2, 3, 4]
 
 
+# ---- the chat page as a web endpoint (modal_jobs/app.py::web, body anymal.serve.serve_job) ----
+
+def test_web_endpoint_requires_auth_and_caps_its_bill(appmod):
+    "Modal's proxy auth in front by default; one container at most, on one GPU, a bounded number of requests in it."
+    info = appmod.web.info()
+    assert info.web_info is not None and info.web_info.unauthenticated is False  # requires_proxy_auth=True
+    assert info.concurrency_info.max_inputs == appmod.SERVE_MAX_INPUTS == 8
+    assert info.gpus == [("L40S", 1)] and info.timeout == appmod.SERVE_TIMEOUT
+    sent = inspect.getclosurevars(_inner(appmod.web)._load).nonlocals  # what deploying sends to Modal
+    assert sent["webhook_config"].requires_proxy_auth is True
+    assert (sent["autoscaler_settings"].max_containers, sent["autoscaler_settings"].scaledown_window) == (1, 300)
+    assert {k: (v.name, v.read_only) for k, v in info.volumes.items()} == {
+        "/vol/runs": ("anymal-runs", True), "/vol/hf": ("anymal-hf-cache", False)}  # checkpoints: read only
+    assert not any("huggingface" in s or "wandb" in s for s in info.secrets), info.secrets  # no tokens it does not need
+
+
+def test_web_endpoint_opens_only_when_asked(monkeypatch):
+    monkeypatch.setenv("ANYMAL_SERVE_PUBLIC", "1")
+    spec = importlib.util.spec_from_file_location("anymal_modal_app_public", ROOT / "modal_jobs" / "app.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.web.info().web_info.unauthenticated is True
+    assert mod.web.info().concurrency_info.max_inputs == 8  # the caps stay
+
+
+@pytest.mark.filterwarnings("ignore:The web function is executing locally")
+def test_web_function_body_serves_the_page_locally(tmp_path, monkeypatch, appmod):
+    "The endpoint's own body, run locally on a tiny checkpoint in a temporary runs volume: the page, and an answer."
+    from starlette.testclient import TestClient
+    from anymal.checkpoint import save_checkpoint
+    from anymal.model import AnyMAL
+    from parts import tiny_parts
+    cfg, tok = tiny_parts(tmp_path, ["data.world_images=8", "data.world_val_images=4"])
+    cfg = override(cfg, ["train.stage=2"])
+    save_checkpoint(tmp_path / "vol/runs/demo/s2/final", AnyMAL.build(cfg, tok, stage=2), cfg, step=3, stage=2)
+    monkeypatch.setenv("ANYMAL_VOLUMES", str(tmp_path / "vol"))
+    monkeypatch.setenv("ANYMAL_SERVE_MODEL", "demo/s2")
+    asgi = appmod.web.local()
+    with TestClient(asgi) as client:
+        page = client.get("/config").json()
+        assert page["title"] == "anymal: ask it about images" and page["max_file_size"] == 10 * 2**20
+        assert "demo/s2" in json.dumps(page) and "step 3" in json.dumps(page)  # the run it was told to serve
+        assert client.post("/gradio_api/upload", files={"files": ("x.png", b"\0" * (10 * 2**20 + 1))}).status_code == 413
+    # and a question through Gradio's client, as modal_jobs/README.md calls the endpoint (here without Modal's proxy,
+    # so the two headers reach the app unchecked), served by uvicorn on a loopback port
+    import socket, threading, uvicorn
+    from gradio_client import Client, handle_file
+    from anymal.infer import Assistant
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(asgi, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    t0, client = time.time(), None
+    try:
+        for _ in range(100):
+            if server.started: break
+            time.sleep(0.1)
+        img = sorted((tmp_path / "world/images/test").glob("*.png"))[0]
+        client = Client(f"http://127.0.0.1:{port}/", headers={"Modal-Key": "wk-test", "Modal-Secret": "ws-test"},
+                        verbose=False, analytics_enabled=False, download_files=False)
+        chat, _, looked, status = client.predict("What color is the circle?", [handle_file(str(img))], True, 0.0, 1.0,
+                                                 8, "the answer's latents", api_name="/ask")
+    finally:
+        if client is not None: client.close()
+        server.should_exit = server.force_exit = True  # without waiting for the client's heartbeat stream to end
+        thread.join(timeout=30)
+    want = Assistant.from_checkpoint(tmp_path / "vol/runs/demo/s2", device="cpu").ask(
+        [img], "What color is the circle?\n" + cfg.data.vqa_prompt, max_new_tokens=8)
+    assert [(m["role"], m["content"][0]["text"]) for m in chat] == [
+        ("user", "What color is the circle? [1 image]"), ("assistant", want)], (chat, want)
+    assert status.startswith("Answered in") and len(looked) == 1
+    print(f"the endpoint answered through gradio_client in {time.time() - t0:.1f} s")
+
+
 @pytest.mark.filterwarnings("ignore:The train function is executing locally")
 def test_a_preempted_train_call_resumes_from_the_checkpoint_it_left(volumes, appmod):
     """Modal pre-empts with SIGINT, then runs the call again: the first saves its step (and reports it, so the volume is
