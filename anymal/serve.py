@@ -219,7 +219,7 @@ def world_examples(cfg, # the model's config: its `data.root` is where its world
         if len(out) == n: break
     return out
 
-# %% ../nbs/28_serve.ipynb #9cc3972f
+# %% ../nbs/28_serve.ipynb #88300a7e
 def _gradio():
     "Gradio, imported when a page is built (not by `import anymal`), with its usage telemetry off."
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -287,7 +287,7 @@ def build_app(assistant: Assistant, examples: list | None = None, # `[[paths], q
         conv, chat, looked, msg = on_files(paths)
         return conv, chat, looked, msg, ""
 
-    with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(3600, 3600)) as app:  # uploads kept an hour
+    with gr.Blocks(title=title, analytics_enabled=False) as app:
         gr.Markdown(f"## {title}\n{_describe(assistant)}. Upload images, ask a question; the gallery shows where the "
                     "model looked.")
         conv = gr.State(None, time_to_live=3600)  # a visitor's conversation, dropped an hour after they leave
