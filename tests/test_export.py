@@ -11,19 +11,11 @@ from anymal.config import override
 from anymal.model import AnyMAL
 from anymal.checkpoint import save_checkpoint, load_for_inference
 from anymal.infer import Assistant
-from parts import tiny_parts
+from parts import run_cli, tiny_parts
 
 REPO = Path(__file__).resolve().parents[1]
 LLAMA3 = "meta-llama/Meta-Llama-3-8B-Instruct"
 KEYS = {"base_model", "library_name", "license", "tags", "datasets", "pipeline_tag"}
-
-
-def run_cli(*args, env=None, timeout=180) -> subprocess.CompletedProcess:
-    "The `anymal` console entry point in a fresh process."
-    env = dict(os.environ if env is None else env, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=str(REPO))
-    code = "import sys; from anymal.cli import main; sys.exit(main(sys.argv[1:]))"
-    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, cwd=REPO,
-                          env=env, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

@@ -14,21 +14,13 @@ from anymal.data import Collator, build_dataset
 from anymal.infer import Assistant, open_image
 from anymal.model import AnyMAL
 from anymal.trainer import fit
-from parts import tiny_parts
+from parts import run_cli, tiny_parts
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 40
 # Debian's package (`apt-get install chromium`; .ci/run installs it). Playwright drives it: `playwright install` is
 # never needed. Missing, the browser tests fail with the line to run: they do not skip.
 CHROMIUM = os.environ.get("ANYMAL_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-def run_cli(*args, env=None, timeout=120) -> subprocess.CompletedProcess:
-    "The `anymal` console entry point in a fresh process."
-    env = dict(os.environ if env is None else env, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=str(REPO))
-    code = "import sys; from anymal.cli import main; sys.exit(main(sys.argv[1:]))"
-    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, cwd=REPO,
-                          env=env, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
