@@ -96,15 +96,15 @@ def http_fetch(url: str, dest, chunk: int = 1 << 20, timeout: float = 60.0) -> P
     part.replace(dest)
     return dest
 
-# %% ../nbs/22_prepare.ipynb #91180db3
+# %% ../nbs/22_prepare.ipynb #7db22bae
 class HubAccessError(UserError, RuntimeError):
     "The Hub refused a download (gated, private, missing) or could not be reached: the message says what to do."
 
 def _token_state() -> str:
     from huggingface_hub import get_token
     if os.environ.get("HF_TOKEN"): return "HF_TOKEN is set, but its account has no access"
-    return "a saved login token was sent, but its account has no access" if get_token() else \
-        "no token was sent (HF_TOKEN is not set and `hf auth login` was not run)"
+    if get_token(): return "a saved login token was sent, but its account has no access"
+    return "no token was sent (HF_TOKEN is not set and `hf auth login` was not run)"
 
 def _hub_help(f: HubFile, e: Exception, name: str = "") -> str:
     "One line for a failed `hf_hub_download` of `f`: what the Hub said, and what to do."
