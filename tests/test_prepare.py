@@ -135,6 +135,18 @@ def test_hub_refusals_are_one_line_user_errors(tmp_path, src, monkeypatch, capsy
         assert "\n" not in err and msg in err and "Traceback" not in err, err
 
 
+def test_the_installed_hf_hub_download_takes_the_call(tmp_path, monkeypatch):
+    """`hub_fetch` against the real `huggingface_hub.hf_hub_download`, offline (its request hook refuses to send
+    anything): a changed signature fails here, and its offline error becomes the one line."""
+    import huggingface_hub.constants as C
+    monkeypatch.setattr(C, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(C, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))  # no copy to find in the user's cache
+    dest = tmp_path / "downloads/llava_v1_5_mix665k.json"
+    with pytest.raises(P.HubAccessError, match=r"cannot reach the Hugging Face Hub .*HF_HUB_OFFLINE is set") as e:
+        P.hub_fetch(P.SOURCES["llava_mix665k"], dest, name="llava_mix665k")
+    assert type(e.value.__cause__).__name__ == "LocalEntryNotFoundError" and not dest.exists()
+
+
 def test_hub_download_interrupted_leaves_no_file_and_the_next_run_completes(tmp_path, src):
     root = tmp_path / "data"
     def dying(repo_id, filename, **kw):  # huggingface_hub deletes its partial file when a download is interrupted
