@@ -1,58 +1,20 @@
 """Full-scale data preparation (anymal.prepare) against small local fakes of the public sources: no network."""
-import hashlib, io, json, tarfile, zipfile
+import hashlib, io, json, tarfile
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
 from anymal import prepare as P
 from anymal.cli import main as cli_main
-
-
-def jpeg(seed: int) -> bytes:
-    b = io.BytesIO(); Image.new("RGB", (8, 8), (seed * 40 % 256, 30, 90)).save(b, "JPEG"); return b.getvalue()
-
-
-def conv(q="<image>\nWhat is it?", a="A square."):
-    return [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+from parts import LLAMA3_REPO as REPO, fake_sources, hub_cache_snapshot, jpeg, llama3_folder
 
 
 @pytest.fixture
 def sources(tmp_path):
     "Fake copies of every public source, as file:// URLs; returns (urls, dir)."
-    src = tmp_path / "src"; src.mkdir()
-    llava = [{"id": f"r{i}", "image": f"{i:012d}.jpg", "conversations": conv()} for i in range(1, 9)]
-    llava += [{"id": "no-image", "image": "000000000099.jpg", "conversations": conv()},
-              {"id": "no-answer", "image": "000000000001.jpg", "conversations": conv()[:1]},
-              {"id": "two-markers", "image": "000000000001.jpg", "conversations": conv("<image><image>")}]
-    (src / "llava_instruct_150k.json").write_text(json.dumps(llava))
-    with zipfile.ZipFile(src / "train2017.zip", "w") as z:
-        for i in range(1, 11): z.writestr(f"train2017/{i:012d}.jpg", jpeg(i))
-    lcs = [{"id": f"{i:09d}", "image": f"00000/{i:09d}.jpg", "conversations": conv("<image>\nDescribe.", f"caption {i}")} for i in range(25)]
-    lcs += [{"id": "nocap", "image": "00000/nocap.jpg", "conversations": conv()[:1]}, {"id": "png", "image": "00000/png.jpg", "conversations": conv()},
-            {"id": "lost", "image": "00000/lost.jpg", "conversations": conv()}]
-    (src / "blip_laion_cc_sbu_558k.json").write_text(json.dumps(lcs))
-    with zipfile.ZipFile(src / "images.zip", "w") as z:
-        for r in lcs[:25]: z.writestr(r["image"], jpeg(int(r["id"])))
-        z.writestr("00000/png.jpg", b"\x89PNG\r\n\x1a\nnot a jpeg")
-    ids = [3, 1, 2, 5]
-    qs = {"data_subtype": "val2014", "questions": [{"image_id": i, "question": f"q{k}", "question_id": i * 10 + k} for i in ids for k in (0, 1)]}
-    an = {"annotations": [{"image_id": i, "question_id": i * 10 + k, "question_type": "what", "answer_type": "other", "multiple_choice_answer": "red",
-                           "answers": [{"answer": "red", "answer_confidence": "yes", "answer_id": j} for j in range(1, 11)]} for i in ids for k in (0, 1)]}
-    caps = {"images": [{"id": i, "file_name": f"{i:012d}.jpg"} for i in ids], "annotations": [{"image_id": i, "id": 100 + i, "caption": "x"} for i in ids]}
-    for name, member, obj in (("v2_Questions_Val_mscoco.zip", "v2_OpenEnded_mscoco_val2014_questions.json", qs),
-                              ("v2_Annotations_Val_mscoco.zip", "v2_mscoco_val2014_annotations.json", an),
-                              ("annotations_trainval2017.zip", "annotations/captions_val2017.json", caps)):
-        with zipfile.ZipFile(src / name, "w") as z: z.writestr(member, json.dumps(obj))
-    with zipfile.ZipFile(src / "val2014.zip", "w") as z:
-        for i in ids[:3]: z.writestr(f"val2014/COCO_val2014_{i:012d}.jpg", jpeg(i))  # image 5 is missing
-    with zipfile.ZipFile(src / "val2017.zip", "w") as z:
-        for i in ids: z.writestr(f"val2017/{i:012d}.jpg", jpeg(i))
-    files = {"llava_instruct": "llava_instruct_150k.json", "coco_train2017": "train2017.zip", "lcs558k_json": "blip_laion_cc_sbu_558k.json",
-             "lcs558k_images": "images.zip", "vqav2_questions_val": "v2_Questions_Val_mscoco.zip", "vqav2_annotations_val": "v2_Annotations_Val_mscoco.zip",
-             "coco_val2014": "val2014.zip", "coco_annotations2017": "annotations_trainval2017.zip", "coco_val2017": "val2017.zip"}
-    assert set(files) == set(P.SOURCES)
-    return {k: (src / v).as_uri() for k, v in files.items()}, src
+    urls = fake_sources(tmp_path / "src")
+    assert set(urls) == set(P.SOURCES)
+    return urls, tmp_path / "src"
 
 
 def url_args(urls): return [f"--url={k}={v}" for k, v in urls.items()]
@@ -199,45 +161,15 @@ def test_bad_arguments_are_clear(tmp_path, capsys):
 
 # ---- real weights: the full preset through the real loading code, on a fake hub cache of the real layout ----
 
-REPO = "meta-llama/Meta-Llama-3-8B-Instruct"
 CLIP_REPO = "timm/vit_large_patch14_clip_224.openai"
-
-
-def tiny_llama_folder(d: Path) -> Path:
-    "A LlamaForCausalLM checkpoint with LLaMA-3's file names (sharded safetensors + index, generation config, tokenizer), tiny sizes."
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=128, rope_theta=500000.0, tie_word_embeddings=False,
-                      bos_token_id=256, eos_token_id=257)
-    LlamaForCausalLM(cfg).save_pretrained(d, max_shard_size="60KB")  # several shards, as the real 4 x 5 GB
-    from anymal.tokenizer import LLAMA3_CHAT_TEMPLATE, SPECIAL_TOKENS
-    specials = ["<|begin_of_text|>", "<|eot_id|>", "<unk>"] + [t for t in SPECIAL_TOKENS if t not in ("<|begin_of_text|>", "<|eot_id|>")]
-    vocab = {chr(i + 33): i for i in range(94)} | {t: 256 + i for i, t in enumerate(specials)}  # LLaMA-3's special tokens
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>")); tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
-                            chat_template=LLAMA3_CHAT_TEMPLATE).save_pretrained(d)
-    return d
-
-
-def hub_cache_snapshot(src: Path, repo: str, cache: Path, rev: str = "0" * 40) -> Path:
-    "Lay `src`'s files out in the HF hub cache the way huggingface_hub's downloads do: blobs, snapshots/<rev>, refs/main."
-    base = cache / f"models--{repo.replace('/', '--')}"
-    snap = base / "snapshots" / rev; snap.mkdir(parents=True)
-    (base / "blobs").mkdir()
-    for f in src.iterdir():
-        blob = base / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest(); blob.write_bytes(f.read_bytes())
-        (snap / f.name).symlink_to(Path("../../blobs") / blob.name)
-    (base / "refs").mkdir(); (base / "refs" / "main").write_text(rev)
-    return snap
 
 
 @pytest.fixture
 def fake_hub(tmp_path):
     "A stand-in for the hub: snapshot_download and open_clip's download write the real cache layout from local files."
-    src = tiny_llama_folder(tmp_path / "llama")
+    from anymal.config import LLMConfig
+    shape = LLMConfig(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab_size=300)
+    src = llama3_folder(tmp_path / "llama", shape, ["What is it? A square."] * 20)  # files and tokens as Meta's
     names = sorted(p.name for p in src.iterdir())
     assert {"config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json"} <= set(names)
     assert sum(n.startswith("model-") and n.endswith(".safetensors") for n in names) >= 2
