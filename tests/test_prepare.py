@@ -10,6 +10,7 @@ import pytest
 from anymal import prepare as P
 from anymal.cli import main as cli_main
 from anymal.config import UserError
+from parts import LLAMA3_REPO as REPO, hub_cache_snapshot, llama3_folder
 from sources import StandInSources, image_bytes
 
 
@@ -274,45 +275,15 @@ def test_bad_arguments_are_clear(tmp_path, capsys):
 
 # ---- real weights: the full preset through the real loading code, on a fake hub cache of the real layout ----
 
-REPO = "meta-llama/Meta-Llama-3-8B-Instruct"
 CLIP_REPO = "timm/vit_large_patch14_clip_224.openai"
-
-
-def tiny_llama_folder(d: Path) -> Path:
-    "A LlamaForCausalLM checkpoint with LLaMA-3's file names (sharded safetensors + index, generation config, tokenizer), tiny sizes."
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=128, rope_theta=500000.0, tie_word_embeddings=False,
-                      bos_token_id=256, eos_token_id=257)
-    LlamaForCausalLM(cfg).save_pretrained(d, max_shard_size="60KB")  # several shards, as the real 4 x 5 GB
-    from anymal.tokenizer import LLAMA3_CHAT_TEMPLATE, SPECIAL_TOKENS
-    specials = ["<|begin_of_text|>", "<|eot_id|>", "<unk>"] + [t for t in SPECIAL_TOKENS if t not in ("<|begin_of_text|>", "<|eot_id|>")]
-    vocab = {chr(i + 33): i for i in range(94)} | {t: 256 + i for i, t in enumerate(specials)}  # LLaMA-3's special tokens
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>")); tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
-                            chat_template=LLAMA3_CHAT_TEMPLATE).save_pretrained(d)
-    return d
-
-
-def hub_cache_snapshot(src: Path, repo: str, cache: Path, rev: str = "0" * 40) -> Path:
-    "Lay `src`'s files out in the HF hub cache the way huggingface_hub's downloads do: blobs, snapshots/<rev>, refs/main."
-    base = cache / f"models--{repo.replace('/', '--')}"
-    snap = base / "snapshots" / rev; snap.mkdir(parents=True)
-    (base / "blobs").mkdir()
-    for f in src.iterdir():
-        blob = base / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest(); blob.write_bytes(f.read_bytes())
-        (snap / f.name).symlink_to(Path("../../blobs") / blob.name)
-    (base / "refs").mkdir(); (base / "refs" / "main").write_text(rev)
-    return snap
 
 
 @pytest.fixture
 def fake_hub(tmp_path):
     "A stand-in for the hub: snapshot_download and open_clip's download write the real cache layout from local files."
-    src = tiny_llama_folder(tmp_path / "llama")
+    from anymal.config import LLMConfig
+    shape = LLMConfig(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab_size=300)
+    src = llama3_folder(tmp_path / "llama", shape, ["What is it? A square."] * 20)  # files and tokens as Meta's
     names = sorted(p.name for p in src.iterdir())
     assert {"config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json"} <= set(names)
     assert sum(n.startswith("model-") and n.endswith(".safetensors") for n in names) >= 2
