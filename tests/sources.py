@@ -308,7 +308,8 @@ class HubServer:
     `X-Linked-Size`; for a repo that is not there, a model repo's path or a gated repo, `401` with `X-Error-Code:
     RepoNotFound` or `GatedRepo`; for a file that is not there, `404` with `X-Error-Code: EntryNotFound`; all of it in
     the headers, as a `HEAD` has no body. It sends no `X-Xet-Hash`, so `hf_hub_download` takes the plain HTTP path,
-    not Xet's (the Hub serves these repos through Xet storage now, to clients with `hf_xet` installed).
+    not Xet's (the Hub serves these repos through Xet storage now, to clients with `hf_xet` installed). Anything
+    else (`huggingface_hub` asks `/api/agent-harnesses` for its telemetry, once a day) is a 404, which it ignores.
 
     The hosts (`urls`) serve each non-Hub source at `/{host}{path}` of its real URL, and the Hub's files at
     `/lfs/{sha256}`, with `Content-Length`, `ETag` and byte ranges (`206`), as S3 and CloudFront do. `requests`

@@ -136,12 +136,23 @@ def test_hub_refusals_are_one_line_user_errors(tmp_path, src, monkeypatch, capsy
         assert "\n" not in err and msg in err and "Traceback" not in err, err
 
 
-def test_prepare_through_the_real_downloaders_over_http(tmp_path, src):
+def quiet_hub(monkeypatch):
+    """In this process the stand-in Hub is passed as `endpoint=` (huggingface_hub reads HF_ENDPOINT at import), and
+    nothing else may go to huggingface.co: HF_HUB_DISABLE_TELEMETRY (`constants`, read at each call) keeps its user
+    agent from asking `{HF_ENDPOINT}/api/agent-harnesses` for the AI agents it names (tests/test_full_scale.py sees
+    that request reach the stand-in, in a process of its own). Fails if the constant goes."""
+    import huggingface_hub.constants as C
+    assert hasattr(C, "HF_HUB_DISABLE_TELEMETRY")
+    monkeypatch.setattr(C, "HF_HUB_DISABLE_TELEMETRY", True)
+
+
+def test_prepare_through_the_real_downloaders_over_http(tmp_path, src, monkeypatch):
     """The real `huggingface_hub.hf_hub_download` against a stand-in of the Hub on 127.0.0.1 (a 302 to its storage on
     another origin, as huggingface.co answers for an LFS file), and `http_fetch` against stand-ins of the other hosts:
     the same layouts as through the Python stand-ins, the token sent to the Hub and not to its storage."""
     from functools import partial
     from huggingface_hub import hf_hub_download
+    quiet_hub(monkeypatch)
     root, other = tmp_path / "data", tmp_path / "llava150k"
     src.user_files(root)
     with src.serve() as srv:
@@ -157,7 +168,7 @@ def test_prepare_through_the_real_downloaders_over_http(tmp_path, src):
     check_llava(src, root, "mix665k")
     check_llava(src, other, "llava150k")
     hub = [(s.repo, s.filename) for s in P.SOURCES.values() if isinstance(s, P.HubFile)]
-    heads = sorted((m, p, a) for r, m, p, _, a in seen if r == "hub")
+    heads = sorted((m, p, a) for r, m, p, _, a in seen if r == "hub" and "/resolve/" in p)
     assert heads == sorted(("HEAD", f"/datasets/{r}/resolve/main/{f}", "Bearer hf_test") for r, f in hub)
     lfs = [(m, p, a) for r, m, p, _, a in seen if r == "hosts" and p.startswith("/lfs/")]
     assert sorted(lfs) == sorted(("GET", f"/lfs/{sha(src.hub[k])}", None) for k in hub)  # no token off the Hub
@@ -177,6 +188,7 @@ def test_hub_refusals_through_the_real_hf_hub_download(tmp_path, src, monkeypatc
     "What the stand-in Hub answers over HTTP, as huggingface.co does, becomes the same one line as from the stand-in."
     from functools import partial
     from huggingface_hub import hf_hub_download
+    quiet_hub(monkeypatch)
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
     f = P.SOURCES["llava_instruct"]
