@@ -20,9 +20,9 @@ The files hold what the real ones hold, in miniature, realities included:
   end of the first human turn, grayscale and CMYK JPEGs among the images, and three bad records;
 - LLaVA-1.5's mix665k: image paths with sub-folders per source (`coco/train2017/`, `gqa/images/`, `ocr_vqa/images/`,
   `textvqa/train_images/`, `vg/VG_100K/`, `vg/VG_100K_2/`), text-only records with no `image` key (ShareGPT's, with
-  their `"model": ""`; one with an answer of ~2,000 tokens, longer than the full preset's `data.max_len`), `<image>` at
-  the end of the first human turn, integer ids, ids shared by several records, grayscale, CMYK and RGBA images
-  (OCR-VQA's PNGs named `.jpg`), and bad records of each kind;
+  their `"model": ""`; one with an answer of 12,000 characters, longer than the full preset's `data.max_len`),
+  `<image>` at the end of the first human turn, integer ids, ids shared by several records, grayscale, CMYK and RGBA
+  images (OCR-VQA's PNGs named `.jpg`), and bad records of each kind;
 - LCS-558K (`blip_laion_cc_sbu_558k.json` + `images.zip` of `00000/000000012.jpg`), VQAv2 val questions and
   annotations, COCO captions val 2017, in their official structures.
 
@@ -126,7 +126,7 @@ def mix665k() -> tuple[list, list, dict, dict]:
     add({"id": 40690, "model": "", "conversations": turns(("Write a haiku about rain.", "Soft rain on the roof."))},
         "text")
     add({"id": "Hq4xT2m_0", "model": "", "conversations": turns((LONG_QUESTION, LONG_ANSWER), ("Thanks.", "Welcome."))},
-        "text")  # ShareGPT's long answers: ~2,000 of LLaMA-3's tokens, past the full preset's data.max_len of 1024
+        "text")  # a long ShareGPT answer: thousands of tokens, past the full preset's data.max_len of 1024
     add({"id": "QWJhYvA_0", "model": "", "conversations": [{"from": "gpt", "value": "Hello! How can I help?"},
                                                           {"from": "human", "value": "Hi."}]},
         "turns are not human/gpt alternating")

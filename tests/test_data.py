@@ -308,7 +308,8 @@ def test_round_trip_stage2(root, tok, cfg):
     assert len(ds) == len(recs) and not ds.skipped
     batch = next(iter(build_loader(ds, tok, cfg, shuffle=False)))
     B = cfg.train.batch_size
-    assert set(batch) == {"input_ids", "attention_mask", "labels", "n_images", "pixels", "image_keys", "sample_ids", "skipped", "truncated"}
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "n_images", "pixels", "image_keys", "sample_ids",
+                          "skipped", "truncated"}
     assert batch["skipped"] == [] and batch["truncated"] == []
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
     assert batch["input_ids"].shape[1] == batch["attention_mask"].sum(1).max() <= cfg.data.max_len  # dynamic padding

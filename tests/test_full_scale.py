@@ -156,7 +156,7 @@ def test_full_scale_rehearsal(tmp_path):
     assert (sh.cwd / "data/downloads/.cache/huggingface/download/llava_v1_5_mix665k.json.metadata").is_file()
     train = json.loads((sh.cwd / "data/llava/llava_instruct_train.json").read_text())
     val = json.loads((sh.cwd / "data/llava/llava_instruct_val.json").read_text())
-    assert sorted(map(json.dumps, train + val)) == sorted(map(json.dumps, src.kept("mix665k")))  # the records as they are
+    assert sorted(map(json.dumps, train + val)) == sorted(map(json.dumps, src.kept("mix665k")))  # records as they are
     text_only = [r_["id"] for r_ in train if "image" not in r_]
     assert done["llava"]["text_only"] == 3 and len(text_only) == 2 and "Hq4xT2m_0" in text_only  # the long one too
     assert {r_["image"].split("/")[0] for r_ in train if "image" in r_} == {"coco", "gqa", "ocr_vqa", "textvqa", "vg"}

@@ -490,7 +490,8 @@ def test_prepared_data_feeds_the_real_loaders(tmp_path, src, instruct):
     [(d, i)] = [(d, i) for d in ds_all for i, r in enumerate(d.records) if r[1] == "Hq4xT2m_0"]  # the long answer
     s = d[i]  # truncated to max_len, the part of its answer that fits trained on, and said so
     assert len(s["input_ids"]) == cfg.data.max_len and (s["labels"] != -100).sum() > 50
-    assert [k for _, k, _ in s["truncated"]] == ["truncated"] and "cut to 160 (data.max_len=160)" in s["truncated"][0][2]
+    assert [k for _, k, _ in s["truncated"]] == ["truncated"]
+    assert "cut to 160 (data.max_len=160)" in s["truncated"][0][2]
 
 
 def test_mix665k_trains_with_cached_features(tmp_path, src, monkeypatch):
@@ -508,7 +509,8 @@ def test_mix665k_trains_with_cached_features(tmp_path, src, monkeypatch):
     root = tmp_path / "data"
     src.user_files(root)
     assert src.prepare("llava", "--root", root, "--instruct", "mix665k", "--val", "2") == 0
-    train_tokenizer([t["value"] for r in src.records["mix665k"] for t in r["conversations"]] * 5, 512, root / "tokenizer")
+    words = [t["value"] for r in src.records["mix665k"] for t in r["conversations"]]
+    train_tokenizer(words * 5, 512, root / "tokenizer")
     n = len(read(root, "llava/llava_instruct_train.json"))
     cfg = stage_config(tiny(), 2, [
         f"data.root={root}", "standins.enabled=false", "train.cache_features=true", "train.init_from=",
