@@ -92,7 +92,7 @@ class AnyMAL(nn.Module):
     @property
     def embed_tokens(self): return llm_parts(self.llm)[2]
 
-# %% ../nbs/06_model.ipynb #3d3f3f1e
+# %% ../nbs/06_model.ipynb #317ee607
 def segment_ids(position_ids: torch.Tensor) -> torch.Tensor:
     "Which sample of its packed row each token belongs to, `(R, T)`: a new one wherever the positions restart at 0."
     return (position_ids == 0).long().cumsum(-1)
@@ -118,7 +118,8 @@ def packed_attention(impl: str, # the decoder's attention implementation (`confi
                      position_ids: torch.Tensor, # (R, T) each sample's positions from 0
                      dtype: torch.dtype = torch.float32) -> dict: # of the additive mask (eager)
     "The decoder's keyword arguments that keep attention inside each sample of packed rows."
-    if impl in MASKED_ATTN: return dict(attention_mask=block_causal_mask(segment_ids(position_ids), impl == "eager", dtype))
+    if impl in MASKED_ATTN:
+        return dict(attention_mask=block_causal_mask(segment_ids(position_ids), impl == "eager", dtype))
     cu, longest = seq_lens(position_ids)
     return dict(attention_mask=None, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
 
