@@ -92,7 +92,7 @@ class AnyMAL(nn.Module):
     @property
     def embed_tokens(self): return llm_parts(self.llm)[2]
 
-# %% ../nbs/06_model.ipynb #317ee607
+# %% ../nbs/06_model.ipynb #81ad20c4
 def segment_ids(position_ids: torch.Tensor) -> torch.Tensor:
     "Which sample of its packed row each token belongs to, `(R, T)`: a new one wherever the positions restart at 0."
     return (position_ids == 0).long().cumsum(-1)
@@ -125,15 +125,23 @@ def packed_attention(impl: str, # the decoder's attention implementation (`confi
 
 def row_names(sample_ids, position_ids: torch.Tensor, attention_mask: torch.Tensor) -> list | None:
     "The name of each packed row for errors: its samples' ids joined by `+` (None when they cannot be told)."
+    if sample_ids is None: return None
     counts = ((position_ids == 0) & attention_mask.bool()).sum(1).tolist()  # samples per row (padding is no sample)
-    if sample_ids is None or sum(counts) != len(sample_ids): return None
+    if sum(counts) != len(sample_ids): return None
     names, i = [], 0
     for n in counts:
         names.append("+".join(str(x) for x in list(sample_ids)[i:i + n]))
         i += n
     return names
 
-# %% ../nbs/06_model.ipynb #ce97df2f
+class _RowNames:
+    "`row_names`, worked out only when an error asks for a row's name (no device sync on every step)."
+    def __init__(self, *args): self.args, self.names = args, None
+    def __getitem__(self, b: int):
+        if self.names is None: self.names = row_names(*self.args) or []
+        return self.names[b] if b < len(self.names) else f"in packed row {b}"
+
+# %% ../nbs/06_model.ipynb #c4ac5967
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     "Positions counting only real tokens: `(B, T)`, 0 on left padding."
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -167,7 +175,7 @@ def forward(self: AnyMAL, input_ids, attention_mask=None, labels=None, pixels=No
     am = torch.ones_like(input_ids) if attention_mask is None else attention_mask
     if position_ids is None: attend = dict(attention_mask=am, position_ids=_real_positions(am))
     else:
-        sample_ids = row_names(sample_ids, position_ids, am)
+        sample_ids = None if sample_ids is None else _RowNames(sample_ids, position_ids, am)
         attend = dict(packed_attention(self.decoder.config._attn_implementation, position_ids,
                                        self.embed_tokens.weight.dtype), position_ids=position_ids)
     emb = self.embed(input_ids, pixels, image_feats, n_images, sample_ids)
