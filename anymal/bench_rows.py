@@ -76,7 +76,7 @@ def workload(cfg: Config, lengths: str = "fixed", real=()) -> Workload:
     return Workload(seq, cfg.llm.vocab_size, cfg.resampler.latents, cfg.vision.image_size, lengths,
                     real=tuple(map(tuple, real)))
 
-# %% ../nbs/25_bench_rows.ipynb #003a76b8
+# %% ../nbs/25_bench_rows.ipynb #4be3d0c1
 @dataclass(frozen=True)
 class Kind:
     "One kind of record in a stand-in length distribution: text tokens per turn, before the chat template and images."
@@ -117,7 +117,7 @@ def measured_lengths(cfg: Config, stage: int, n: int = 2000, seed: int = 0, toke
     if not (root / "manifests").is_dir(): return None, f"no `anymal prepare` output under {root} (no manifests/)"
     rng = random.Random(seed)
     try:
-        tok = tokenizer or load_tokenizer(cfg.llm.tokenizer or cfg.llm.path)
+        tok = tokenizer or load_tokenizer(cfg)  # llm.tokenizer, else llm.path, else <data.root>/tokenizer
         if stage == 1:
             shards = root / cfg.data.caption_shards.format(split="train")
             ds = CaptionDataset(shards, tok, cfg, pixels=False, skip_bad=True)

@@ -228,7 +228,7 @@ def load_trainable(model: nn.Module, path, cfg: Config | None = None, missing_ok
             for n, t in sd.items(): params[n].copy_(t)
     return meta
 
-# %% ../nbs/09_checkpoint.ipynb #d11100fe
+# %% ../nbs/09_checkpoint.ipynb #0f6c7e00
 class Inference(NamedTuple):
     model: nn.Module
     tokenizer: object
@@ -237,13 +237,12 @@ class Inference(NamedTuple):
 
 def _build_anymal(cfg: Config, tokenizer=None, device="cpu"):
     "AnyMAL and its tokenizer, as the config describes them (local files only)."
-    if tokenizer is None:
-        tokenizer = load_tokenizer(cfg.llm.tokenizer or cfg.llm.path)
+    if tokenizer is None: tokenizer = load_tokenizer(cfg)  # the config's: llm.tokenizer, llm.path or the data's
     return AnyMAL.build(cfg, tokenizer, cfg.train.stage, device=device), tokenizer
 
 def load_for_inference(path, # a checkpoint directory, or a run directory (its final/, else its latest checkpoint)
                        build_fn: Callable | None = None, # cfg -> model; None: AnyMAL.build
-                       tokenizer=None, # None: loaded from the config's llm.tokenizer / llm.path
+                       tokenizer=None, # None: the config's (`load_tokenizer(cfg)`)
                        sets=(), # config overrides applied before building, e.g. "llm.path=/models/llama3"
                        device=None) -> Inference: # where the model goes (AnyMAL: built there; default cpu)
     "Build the model a checkpoint was trained in, load its trained tensors, and return it in eval mode."

@@ -13,11 +13,11 @@ from typing import Callable
 from .config import Config, PRESETS, from_json, override, preset, to_json
 
 # %% auto #0
-__all__ = ['APP_NAME', 'VOLUMES', 'MOUNT_ROOT', 'DEFAULT_GPU', 'GPU_TYPES', 'PRICES_DATE', 'GPU_PRICE_PER_S', 'FULL_RUNS',
-           'FIXED_LENGTH_ROWS', 'RUN_RECORDS', 'volume_root', 'run_name_of', 'job_config', 'load_config', 'gpu_spec',
-           'watch_checkpoints', 'train_job', 'throttle', 'prepare_job', 'evaluate_job', 'has_modal_token',
-           'require_modal_token', 'wandb_url', 'RunHandle', 'submit', 'copy_run', 'download', 'estimate_cost',
-           'cost_table', 'gpu_type', 'throughput_from_bench', 'cost_from_bench']
+__all__ = ['APP_NAME', 'VOLUMES', 'MOUNT_ROOT', 'DEFAULT_GPU', 'GPU_TYPES', 'NO_BF16', 'PRICES_DATE', 'GPU_PRICE_PER_S',
+           'FULL_RUNS', 'FIXED_LENGTH_ROWS', 'RUN_RECORDS', 'volume_root', 'run_name_of', 'job_config', 'load_config',
+           'gpu_spec', 'check_gpu', 'watch_checkpoints', 'train_job', 'throttle', 'prepare_job', 'evaluate_job',
+           'has_modal_token', 'require_modal_token', 'wandb_url', 'RunHandle', 'submit', 'copy_run', 'download',
+           'estimate_cost', 'cost_table', 'gpu_type', 'throughput_from_bench', 'cost_from_bench']
 
 # %% ../nbs/24_cloud.ipynb #3a19528f
 APP_NAME = "anymal"
@@ -70,7 +70,7 @@ def load_config(config: str = "full", sets: str = "") -> Config:
     if config in PRESETS: return resolve_stage_config(preset_name=config, sets=sets)
     return resolve_stage_config(config=config, sets=sets)
 
-# %% ../nbs/24_cloud.ipynb #fa1eb360
+# %% ../nbs/24_cloud.ipynb #3cc9ad97
 GPU_TYPES = ("T4", "L4", "A10G", "L40S", "A100-40GB", "A100-80GB", "H100", "H200", "B200")
 
 def gpu_spec(gpu: str = DEFAULT_GPU, n_gpus: int = 1) -> str:
@@ -82,6 +82,14 @@ def gpu_spec(gpu: str = DEFAULT_GPU, n_gpus: int = 1) -> str:
     if match is None: raise ValueError(f"unknown GPU {gpu!r}; Modal offers {', '.join(GPU_TYPES)}")
     if not 1 <= n_gpus <= 8: raise ValueError(f"n_gpus must be 1..8 (one machine), got {n_gpus}")
     return match if n_gpus == 1 else f"{match}:{n_gpus}"
+
+NO_BF16 = ("T4",)  # Turing (compute capability 7.5); the others are Ampere or later
+
+def check_gpu(cfg: Config, gpu: str):
+    "The precision `cfg` trains in on Modal GPU `gpu` (`TYPE` or `TYPE:N`); a `ConfigError` naming it where it cannot."
+    from anymal.trainer import precision_for
+    typ = gpu_spec(gpu).split(":")[0]
+    return precision_for("cuda", typ not in NO_BF16, cfg.train.mode, cfg.llm.dtype, card=f"{typ} (Modal)")
 
 # %% ../nbs/24_cloud.ipynb #5d676c20
 def _latest_marker(out_dir) -> str | None:
@@ -160,7 +168,7 @@ def require_modal_token():
         raise RuntimeError("no Modal token found: run `modal token new` (or `modal setup`) once, "
                            "or set MODAL_TOKEN_ID and MODAL_TOKEN_SECRET; then submit again")
 
-# %% ../nbs/24_cloud.ipynb #28a688de
+# %% ../nbs/24_cloud.ipynb #823faf0b
 def _app_module():
     "Import `modal_jobs/app.py` from this source checkout."
     import importlib.util
@@ -238,6 +246,7 @@ def submit(
     n = int(spec.split(":")[1]) if ":" in spec else 1
     _, name = job_config(cfg, run_name)
     check_stage(cfg)  # a stage that cannot start fails here, not after an image build
+    check_gpu(cfg, spec)  # and so does one that cannot train on this GPU (fp16 only)
     require_modal_token()
     import modal
     if deployed:

@@ -123,7 +123,7 @@ class LoRAConfig:
     dropout: float = 0.05  # QLoRA used 0.1 up to 13B and 0.05 for 33-65B; a little regularisation, cheap to turn off
     targets: str = "all-linear"    # every linear layer of the LLM except lm_head, as QLoRA recommends
 
-# %% ../nbs/00_config.ipynb #9437b794
+# %% ../nbs/00_config.ipynb #2c1d39c5
 @dataclass
 class DataConfig:
     "Where the data lives and how samples become token sequences."
@@ -138,7 +138,12 @@ class DataConfig:
     max_skipped: float = 0.05      # skip_bad: stop past this fraction of a dataset bad (a broken path, not noise)
     num_workers: int = 4           # DataLoader workers
     stage1_prompt: str = "Describe the image briefly."  # the alignment prompt (a LLaVA-style short caption request)
-    vqa_prompt: str = "Answer the question using a single word or phrase."  # the short-answer suffix used for VQAv2
+    # The short-answer instruction after each VQA question (training conversations of the world, `anymal eval`,
+    # `anymal chat --short`). The AnyMAL paper's is "Reply in one word."; LLaVA-1.5's (and lmms-eval's for VQAv2)
+    # is the one below. We use LLaVA's: the world's training conversations carry it, as LLaVA-1.5's mix665k does
+    # for its VQA data, and a VQAv2 answer may be a phrase ("2 dogs"). `anymal eval` reports which one it asked
+    # with (`vqa_instruction`); `--set data.vqa_prompt="Reply in one word."` asks with the paper's.
+    vqa_prompt: str = "Answer the question using a single word or phrase."
     # the shapes world (tiny scale only)
     world_images: int = 0          # images per training split of the synthetic world (0 = no world)
     world_val_images: int = 0      # validation / test images

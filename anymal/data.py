@@ -200,7 +200,7 @@ def llava_messages(rec: dict, name: str) -> tuple[list[dict], list[str]]:
     if n != len(images): raise BadRecord(f"{name}: {n} {IMAGE_MARKER} markers for {len(images)} images")
     return msgs, images
 
-# %% ../nbs/08_data.ipynb #23b4b2ec
+# %% ../nbs/08_data.ipynb #52ed7ba9
 class InstructDataset(SampleDataset):
     "Stage 2: LLaVA-Instruct-style JSON + image folder -> multi-turn chat samples."
     def __init__(self, json_path, # the LLaVA JSON (a list of records)
@@ -238,6 +238,11 @@ class InstructDataset(SampleDataset):
 
     def _images(self, i: int) -> tuple[str, list[str]]: return self.records[i][0], self.records[i][3]
     def _keep(self, idx: list[int]): self.records = [self.records[i] for i in idx]
+
+    def summary(self) -> str:
+        "One line: how many records are in use (how many of them text-only) and what was skipped, by kind."
+        text = sum(not r[3] for r in getattr(self, "records", []))
+        return super().summary().replace(" records,", f" records ({text} text-only),", 1)
 
     def _get(self, i: int) -> dict:
         name, rid, msgs, images = self.records[i]

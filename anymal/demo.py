@@ -82,7 +82,7 @@ def score_vqa(run, # a stage-2 run folder (or checkpoint)
         image_path_fn=lambda i: f"{split}/{i}.png",
     )
 
-# %% ../nbs/21_demo.ipynb #cbd9801f
+# %% ../nbs/21_demo.ipynb #573ee60d
 def _phase(name: str, t0: float, log: dict, progress: bool):
     "Record when phase `name` ended: wall seconds since `t0`, and this process's CPU seconds."
     log[name] = round(time.time() - t0, 2)
@@ -153,6 +153,8 @@ def demo(base: Config, # a preset (its `stage1`/`stage2` sections are the stages
     for s, r in runs.items(): plot_curves(r, keys=("loss", "lr"), save=out / f"loss_stage{s}.png")
     plot_accuracy({k: v for k, v in ev.items()}, save=out / "vqa_accuracy.png")
     res = dict(vqa_accuracy=ev["test"]["overall"], blind_vqa_accuracy=ev["blank"]["overall"],
+               vqa_accuracy_normalised=ev["test"]["overall_normalised"],  # after EvalAI's processor (anymal.metrics)
+               blind_vqa_accuracy_normalised=ev["blank"]["overall_normalised"], vqa_instruction=cfg.data.vqa_prompt,
                per_type=ev["test"]["perQuestionType"], blind_per_type=ev["blank"]["perQuestionType"],
                heldout_vqa_accuracy=ev["heldout"]["overall"] if heldout else None,
                heldout_per_type=ev["heldout"]["perQuestionType"] if heldout else None,
@@ -207,7 +209,7 @@ def accuracy_curve(out, # a finished `demo` folder (with results.json)
     )
     return rows
 
-# %% ../nbs/21_demo.ipynb #f10fb9b3
+# %% ../nbs/21_demo.ipynb #8317de74
 def demo_main(argv: list[str] | None = None) -> int:
     "`anymal demo`: the whole tiny pipeline end to end; prints one JSON line of results."
     ap = argparse.ArgumentParser(prog="anymal demo", description=demo_main.__doc__)
@@ -257,6 +259,7 @@ def demo_main(argv: list[str] | None = None) -> int:
     )
     keys = (
         "vqa_accuracy",
+        "vqa_accuracy_normalised",
         "blind_vqa_accuracy",
         "per_type",
         "heldout_vqa_accuracy",

@@ -341,7 +341,7 @@ def model_card(info: dict, # the export's config.json
         lines += [f"`{info['license']}`" + (" (anymal's licence; the tiny stand-ins are anymal's own)" * ours), ""]
     return f"---\n{meta.to_yaml()}\n---\n\n" + "\n".join(lines)
 
-# %% ../nbs/27_export.ipynb #ce21ae97
+# %% ../nbs/27_export.ipynb #1efa56cd
 def is_export(folder) -> bool:
     "Whether `folder` holds an anymal export's config.json (of any format version)."
     f = Path(folder) / CONFIG
@@ -429,7 +429,7 @@ def export(src, # a run folder (its final/, else its latest checkpoint) or a che
                 files=dict(bridge=BRIDGE, adapter=ADAPTER if lora else None, tokenizer=".",
                            preprocessor=PREPROCESSOR if pre else None, merged=MERGED if merge else None),
                 trained=_training(meta, ckpt), evaluation=find_evals(ckpt, evals), notes=[], config=to_dict(cfg))
-    tok = load_tokenizer(cfg.llm.tokenizer or cfg.llm.path)
+    tok = load_tokenizer(cfg)
     with atomic_dir(out) as tmp:
         save_file({k: v.contiguous() for k, v in bridge.items()}, str(tmp / BRIDGE), metadata={"format": "pt"})
         if lora: write_adapter(tmp, cfg, lora, base["id"] or base["path"])
@@ -448,7 +448,7 @@ def export(src, # a run folder (its final/, else its latest checkpoint) or a che
         (tmp / CARD).write_text(model_card(info, repo_id))
     return out
 
-# %% ../nbs/27_export.ipynb #8f8e3250
+# %% ../nbs/27_export.ipynb #234462dd
 def read_export(folder) -> dict:
     "The config.json of export `folder`; refused when it is not an export, or was written in a newer format."
     f = Path(folder) / CONFIG
@@ -492,7 +492,7 @@ def load_export(name, device="cpu", sets: Sequence[str] = (), cache_dir: str | N
     folder = export_folder(name, cache_dir)
     info = read_export(folder)
     cfg = export_config(folder, info, sets, cache_dir)
-    tok = load_tokenizer(str(folder))
+    tok = load_tokenizer(cfg, cache_dir)  # the export's own (`llm.tokenizer` is its folder)
     stage = 2 if info["files"]["adapter"] else 1
     model = AnyMAL.build(cfg, tok, stage, device=device)
     try: model.bridge.load_state_dict(load_file(str(folder / BRIDGE)))

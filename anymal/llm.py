@@ -14,8 +14,9 @@ from .config import Config, LLMConfig, LoRAConfig, ConfigError
 from .hub import require_files, resolve_llm_path
 
 # %% auto #0
-__all__ = ['VARLEN', 'llm_dtype', 'llama_config', 'bnb_config', 'random_llm', 'load_llm', 'add_lora', 'build_llm', 'llm_parts',
-           'varlen_missing', 'reference_varlen', 'torch_varlen', 'varlen_kernel', 'varlen_attention']
+__all__ = ['CPU_REPACK', 'VARLEN', 'llm_dtype', 'llama_config', 'bnb_config', 'random_llm', 'keep_nf4_differentiable', 'load_llm',
+           'add_lora', 'build_llm', 'llm_parts', 'varlen_missing', 'reference_varlen', 'torch_varlen', 'varlen_kernel',
+           'varlen_attention']
 
 # %% ../nbs/05_llm.ipynb #e05a3a96
 import inspect
@@ -40,7 +41,7 @@ def llama_config(lcfg: LLMConfig) -> LlamaConfig:
                        intermediate_size=lcfg.intermediate, max_position_embeddings=lcfg.max_positions,
                        rope_theta=lcfg.rope_theta, rms_norm_eps=lcfg.rms_eps, tie_word_embeddings=False)
 
-# %% ../nbs/05_llm.ipynb #59b9c4a9
+# %% ../nbs/05_llm.ipynb #0403a2cf
 def bnb_config(lcfg: LLMConfig) -> BitsAndBytesConfig | None:
     "The QLoRA quantization `lcfg.quant` asks for (None: no quantization)."
     if lcfg.quant == "none": return None
@@ -56,6 +57,21 @@ def random_llm(lcfg: LLMConfig, device: str | torch.device = "cpu") -> nn.Module
         )
 
 
+CPU_REPACK = "support_avx512bf16_for_cpu"  # bitsandbytes' Linear4bit: "repack my weight for the CPU kernel in eval mode"
+
+def keep_nf4_differentiable(model: nn.Module) -> int:
+    """Keep every bitsandbytes `Linear4bit` of `model` on its differentiable path on the CPU; returns how many.
+
+    Patches bitsandbytes (checked against 0.50.2, `anymal.modes.PATCHED_AGAINST`): on a CPU with AVX512-BF16,
+    `Linear4bit.forward` in eval mode (input without grad) converts its weight, once and for good, to the layout of
+    the `gemv_4bit` kernel, which has no autograd formula; every later forward in training mode then passes no
+    gradient to its input. Setting the instance attribute `support_avx512bf16_for_cpu` to False keeps the
+    dequantize-then-matmul path in both modes. A test below fails if the attribute goes."""
+    import bitsandbytes as bnb
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    for m in layers: setattr(m, CPU_REPACK, False)
+    return len(layers)
+
 def load_llm(lcfg: LLMConfig, # `path` names the checkpoint; `quant`, `dtype`, `attn` say how to load it
              device: str | torch.device = "cpu", # where the weights go (NF4 is quantized on the way there)
              cache_dir: str | None = None, # HF hub cache for hub ids
@@ -70,9 +86,11 @@ def load_llm(lcfg: LLMConfig, # `path` names the checkpoint; `quant`, `dtype`, `
     folder = require_files(
         resolve_llm_path(lcfg.path, cache_dir), lcfg.path, ["config.json"], ["*.safetensors", "*.bin"]
     )
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=llm_dtype(lcfg), quantization_config=q,
-                                                attn_implementation=lcfg.attn, device_map={"": torch.device(device)},
-                                                local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=llm_dtype(lcfg), quantization_config=q,
+                                                 attn_implementation=lcfg.attn, device_map={"": torch.device(device)},
+                                                 local_files_only=True)
+    if q is not None and torch.device(device).type == "cpu": keep_nf4_differentiable(model)
+    return model
 
 # %% ../nbs/05_llm.ipynb #bc3517f8
 def add_lora(model: nn.Module, lora: LoRAConfig) -> PeftModel:

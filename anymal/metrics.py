@@ -17,11 +17,11 @@ from .config import DataConfig, DataError, read_json
 from .data import decode_image
 
 # %% auto #0
-__all__ = ['CONTRACTIONS', 'NUMBER_WORDS', 'ARTICLES', 'PUNCT', 'CONTROLS', 'ID', 'TEXT', 'QUESTION_KEYS', 'ANNOTATION_KEYS',
-           'CAPTION_IMAGE_KEYS', 'CAPTION_KEYS', 'process_punctuation', 'process_digit_article', 'normalize_answer',
-           'vqa_score', 'vqa_accuracy', 'vqa_prompt', 'coco_image_path', 'shuffle_images', 'load_images', 'run_batches',
-           'vqa_image_paths', 'check_vqa', 'check_captions', 'evaluate_vqa', 'spice_available', 'caption_metrics',
-           'evaluate_captions']
+__all__ = ['CONTRACTIONS', 'NUMBER_WORDS', 'ARTICLES', 'PUNCT', 'SCORING', 'CONTROLS', 'ID', 'TEXT', 'QUESTION_KEYS',
+           'ANNOTATION_KEYS', 'CAPTION_IMAGE_KEYS', 'CAPTION_KEYS', 'process_punctuation', 'process_digit_article',
+           'normalize_answer', 'vqa_score', 'evalai_answer', 'vqa_score_normalised', 'vqa_accuracy', 'vqa_prompt',
+           'coco_image_path', 'shuffle_images', 'load_images', 'run_batches', 'vqa_image_paths', 'check_vqa',
+           'check_captions', 'evaluate_vqa', 'spice_available', 'caption_metrics', 'evaluate_captions']
 
 # %% ../nbs/17_metrics.ipynb #5f79642a
 # `key:value` pairs of the official contraction table (verbatim, quirks included: "Im", "Ive", "Id've" and "I'dve"
@@ -86,7 +86,26 @@ def vqa_score(prediction: str, # the model's answer
     k = sum(hits)
     return sum(min(1, (k - h) / 3) for h in hits) / len(gts)  # annotator i left out: k - hits[i] matches remain
 
-# %% ../nbs/17_metrics.ipynb #e1af893f
+# %% ../nbs/17_metrics.ipynb #de0554c8
+def evalai_answer(text: str) -> str:
+    "A prediction as EvalAI's answer processor leaves it (LLaVA's and lmms-eval's `EvalAIAnswerProcessor`)."
+    text = text.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()  # its `word_tokenize`
+    return normalize_answer(_clean_ws(text))
+
+def vqa_score_normalised(prediction: str, # the model's answer, as it wrote it
+                         answers: list[str], # the human answers (10 in VQAv2)
+                        ) -> float:
+    "`vqa_score` of the prediction after `evalai_answer`: the per-question score LLaVA and lmms-eval average."
+    if not isinstance(prediction, str): raise TypeError(f"prediction must be a string, got {prediction!r}")
+    return vqa_score(evalai_answer(prediction), answers)
+
+# %% ../nbs/17_metrics.ipynb #234124b7
+SCORING = {  # what each number of `vqa_accuracy` is (the result carries this legend)
+    "overall": "official VQAv2 metric (vqaEval.py) on the answers as the model wrote them",
+    "overall_normalised": "official VQAv2 metric on the answers after EvalAI's answer processor (as LLaVA and "
+                          "lmms-eval report)",
+}
+
 def _load_json(obj, what: str):
     "`obj` itself, or the JSON in the file it names."
     return read_json(obj, what) if isinstance(obj, (str, Path)) else obj
@@ -121,34 +140,43 @@ def _results_by_question(results, known: dict, questions: set | None) -> dict:
     if not out: raise ValueError("no results to score")
     return out
 
-# %% ../nbs/17_metrics.ipynb #5084a4c7
+# %% ../nbs/17_metrics.ipynb #84481d66
 def vqa_accuracy(results, # list of {"question_id", "answer"}, or the path of such a JSON file
                  questions_json, # VQAv2 questions (dict or path), used to check ids; None to skip
                  annotations_json, # VQAv2 annotations (dict or path)
                  n: int = 2, # digits to round percentages to (official: 2)
                 ) -> dict:
-    "Official-style accuracy: overall, perQuestionType, perAnswerType (percent), with counts and per-question scores."
+    "Official accuracy (overall, perQuestionType, perAnswerType, in percent) and the same after EvalAI's processor."
     anns = {
         a["question_id"]: a for a in _records(_load_json(annotations_json, "annotations"), "annotations", "annotations")
     }
     qids = None if questions_json is None else {
         q["question_id"] for q in _records(_load_json(questions_json, "questions"), "questions", "questions")}
     res = _results_by_question(_load_json(results, "results"), anns, qids)
-    scores, by_q, by_a = {}, defaultdict(list), defaultdict(list)
+    raw, norm = {}, {}  # question_id -> score: official on the raw answer / official after `evalai_answer`
+    types = {}
     for qid, a in anns.items():  # annotation order, as the official loop
         if qid not in res: continue
         gts, qt, at = _need(a, ("answers", "question_type", "answer_type"), f"annotation of question_id {qid}")
-        scores[qid] = s = vqa_score(res[qid], [g["answer"] for g in gts])
-        by_q[qt].append(s)
-        by_a[at].append(s)
+        gts = [g["answer"] for g in gts]
+        raw[qid], norm[qid], types[qid] = vqa_score(res[qid], gts), vqa_score_normalised(res[qid], gts), (qt, at)
     pct = lambda xs: round(100 * sum(xs) / len(xs), n)
-    return {"overall": pct(list(scores.values())),
-            "perQuestionType": {k: pct(v) for k, v in by_q.items()},
-            "perAnswerType": {k: pct(v) for k, v in by_a.items()},
-            "counts": {"overall": len(scores), "missing": len(anns) - len(scores),
-                       "perQuestionType": {k: len(v) for k, v in by_q.items()},
-                       "perAnswerType": {k: len(v) for k, v in by_a.items()}},
-            "evalQA": {qid: round(100 * s, n) for qid, s in scores.items()}}
+    def by(scores: dict, i: int) -> dict:  # i = 0: per question type, 1: per answer type
+        groups = defaultdict(list)
+        for qid, s in scores.items(): groups[types[qid][i]].append(s)
+        return groups
+    return {"overall": pct(list(raw.values())), "overall_normalised": pct(list(norm.values())),
+            "perQuestionType": {k: pct(v) for k, v in by(raw, 0).items()},
+            "perAnswerType": {k: pct(v) for k, v in by(raw, 1).items()},
+            "perQuestionType_normalised": {k: pct(v) for k, v in by(norm, 0).items()},
+            "perAnswerType_normalised": {k: pct(v) for k, v in by(norm, 1).items()},
+            "scoring": dict(SCORING),
+            "counts": {"overall": len(raw), "missing": len(anns) - len(raw),
+                       "changed_by_normalising": sum(raw[q] != norm[q] for q in raw),
+                       "perQuestionType": {k: len(v) for k, v in by(raw, 0).items()},
+                       "perAnswerType": {k: len(v) for k, v in by(raw, 1).items()}},
+            "evalQA": {qid: round(100 * s, n) for qid, s in raw.items()},
+            "evalQA_normalised": {qid: round(100 * s, n) for qid, s in norm.items()}}
 
 # %% ../nbs/17_metrics.ipynb #971c9e86
 CONTROLS = ("none", "blank", "shuffled", "text_only")

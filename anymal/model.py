@@ -141,7 +141,7 @@ class _RowNames:
         if self.names is None: self.names = row_names(*self.args) or []
         return self.names[b] if b < len(self.names) else f"in packed row {b}"
 
-# %% ../nbs/06_model.ipynb #c4ac5967
+# %% ../nbs/06_model.ipynb #b58e4094
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     "Positions counting only real tokens: `(B, T)`, 0 on left padding."
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -163,6 +163,11 @@ def embed(self: AnyMAL, input_ids, pixels=None, image_feats=None, n_images=None,
     n_images = torch.zeros(len(input_ids), dtype=torch.long) if n_images is None else torch.as_tensor(n_images)
     if pixels is None and image_feats is None:
         images = emb.new_zeros(0, self.num_tokens, emb.shape[-1])
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.bridge.parameters()):
+            p = next(self.bridge.parameters())  # no image: a zero-weighted pass keeps every bridge parameter in the graph
+            zero = self.bridge(torch.zeros(1, self.cfg.vision.num_tokens, self.cfg.vision.width, dtype=p.dtype,
+                                           device=p.device))
+            emb = emb + (zero.sum() * 0).to(emb.dtype)
     else: images = self.embed_images(pixels, image_feats)
     return splice_images(emb, input_ids, images, n_images, self.image_token_id, sample_ids)
 

@@ -20,7 +20,7 @@ __all__ = ['MODES', 'OPTIMIZERS', 'PATCHED_AGAINST', 'LORA_LAYER_ATTRS', 'ModeSe
            'OffloadedEmbedding', 'offload_embeddings', 'fuse_lora', 'unfuse_lora', 'dequantize_frozen',
            'check_patched_libraries', 'liger_missing', 'liger_ce', 'liger_patch', 'compile_blocks', 'apply_mode']
 
-# %% ../nbs/12_modes.ipynb #2e9a1bbc
+# %% ../nbs/12_modes.ipynb #a22106de
 @dataclass(frozen=True)
 class ModeSettings:
     "What one `train.mode` changes; `None` leaves the model as built."
@@ -33,7 +33,7 @@ class ModeSettings:
     lora_fused: bool = False  # LoRA's update added inside its second product (no clone, scale or add passes)
     dequant_once: bool = False  # replace the frozen NF4 layers by bf16 ones holding the same values (+10 GB at 8B)
     optim: str = "adamw"              # "adamw", "adamw_fused", "adamw8bit" or "paged_adamw8bit"
-    encoder_bf16: bool = False        # cast the frozen CLIP to bf16 (CUDA only: CPU runs have no autocast)
+    encoder_bf16: bool = False        # cast the frozen CLIP to the run's 16-bit float (bf16, or fp16); CUDA only
     embed_offload: bool = False  # keep the frozen input embeddings in host memory (CUDA only)
     kernels: str | None = (
         None  # "liger": Liger-Kernel's RMSNorm, SwiGLU, RoPE and fused linear cross-entropy (CUDA only)
@@ -242,7 +242,7 @@ def check_patched_libraries(llm: nn.Module | None = None) -> None:
     for f in ("dequantize_4bit", "_convert_weight_packed_for_cpu_inverse"):
         assert hasattr(bnbf, f), f"bitsandbytes.functional has no {f}: re-check `dequantize_frozen` (anymal.modes)"
 
-# %% ../nbs/12_modes.ipynb #c5f01e42
+# %% ../nbs/12_modes.ipynb #b2817f07
 def _free_budget(model: nn.Module, device: torch.device) -> float:
     "GPU bytes left for activations: free memory less gradients + AdamW state of the trainable weights and a reserve."
     free, total = torch.cuda.mem_get_info(device)
@@ -287,6 +287,7 @@ def compile_blocks(llm: nn.Module) -> int:
 
 def apply_mode(model: nn.Module, cfg: Config, device=None,
                settings: ModeSettings | None = None, # what to apply instead of the settings `cfg.train.mode` names
+               half: torch.dtype = torch.bfloat16, # the 16-bit float the run computes in (fp16 on a card without bf16)
               ) -> dict:
     "Apply `cfg.train.mode` (or `settings`) and `train.compile` to `model`, in place; returns what was applied."
     s = settings if settings is not None else mode_settings(cfg.train)
@@ -303,8 +304,8 @@ def apply_mode(model: nn.Module, cfg: Config, device=None,
         done["lora_dropout"] = (set_lora_dropout(llm, s.lora_dropout), s.lora_dropout)
     if s.loss_chunk and hasattr(model, "loss_chunk"): model.loss_chunk = done["loss_chunk"] = s.loss_chunk
     if cuda and s.encoder_bf16 and getattr(model, "encoder", None) is not None:
-        model.encoder.to(torch.bfloat16)
-        done["encoder"] = "bfloat16"
+        model.encoder.to(half)
+        done["encoder"] = str(half).removeprefix("torch.")
     if cuda and s.embed_offload and llm is not None:
         offload_embeddings(llm)
         done["embeddings"] = "host"

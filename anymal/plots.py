@@ -119,7 +119,7 @@ def plot_curves(runs, # a run folder / metrics.jsonl path, or a list of them
     if save is not None: fig.savefig(save, dpi=100, bbox_inches="tight")
     return fig
 
-# %% ../nbs/18_plots.ipynb #7952801b
+# %% ../nbs/18_plots.ipynb #4015d07d
 def _as_named(results) -> dict:
     "`{name: result}` from one result dict or a mapping of them."
     if isinstance(results, dict) and "overall" in results: return {results.get("control", "result"): results}
@@ -146,6 +146,9 @@ def accuracy_table(results, # a `vqa_accuracy` result, or {name: result}
         + " | ".join(f"**{r['overall']:.{digits}f}**" for r in named.values())
         + " |"
     )
+    if all("overall_normalised" in r for r in named.values()):
+        lines.append("| **overall, normalised** (EvalAI's answer processor, as LLaVA and lmms-eval) | | "
+                     + " | ".join(f"**{r['overall_normalised']:.{digits}f}**" for r in named.values()) + " |")
     return "\n".join(lines)
 
 # %% ../nbs/18_plots.ipynb #06f35cfe

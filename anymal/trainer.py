@@ -1,4 +1,4 @@
-"""A plain PyTorch training loop: AdamW groups, warm-up + cosine, accumulation, clipping, bf16, DDP, exact resume.
+"""A plain PyTorch training loop: AdamW groups, warm-up + cosine, accumulation, clipping, bf16 (fp16 with a gradient scaler where a GPU lacks bf16), DDP, exact resume.
 
 Docs: https://anymal-course.github.io/anymal/trainer.html.md"""
 
@@ -28,9 +28,10 @@ from .model import is_lora
 from .modes import OPTIMIZERS, apply_mode, mode_settings
 
 # %% auto #0
-__all__ = ['STOP_SIGNALS', 'lr_factor', 'param_groups', 'build_optimizer', 'build_scheduler', 'forward_keys', 'to_inputs',
-           'real_tokens', 'cpu_has_bf16', 'autocast_for', 'seed_all', 'Progress', 'NonFiniteError', 'Trainer',
-           'mean_loss', 'Interrupted', 'StopSignals', 'agreed_signal', 'run_passing_signals', 'fit']
+__all__ = ['PRECISIONS', 'STOP_SIGNALS', 'lr_factor', 'param_groups', 'build_optimizer', 'build_scheduler', 'forward_keys',
+           'to_inputs', 'real_tokens', 'seed_all', 'cpu_has_bf16', 'cuda_has_bf16', 'Precision', 'precision_for',
+           'training_precision', 'autocast_for', 'Progress', 'NonFiniteError', 'Trainer', 'mean_loss', 'Interrupted',
+           'StopSignals', 'agreed_signal', 'run_passing_signals', 'fit']
 
 # %% ../nbs/13_trainer.ipynb #1bd0d447
 def lr_factor(step: int, # optimizer steps already taken (0 for the first step)
@@ -71,7 +72,7 @@ def build_scheduler(opt: torch.optim.Optimizer, tc: TrainConfig) -> torch.optim.
         opt, partial(lr_factor, warmup=tc.warmup, total=tc.steps, min_ratio=tc.min_lr_ratio)
     )
 
-# %% ../nbs/13_trainer.ipynb #4e9f722d
+# %% ../nbs/13_trainer.ipynb #943a1582
 def forward_keys(model: nn.Module) -> set | None:
     "The argument names `model.forward` takes (None: it takes `**kwargs`, so anything)."
     ps = inspect.signature(unwrap(model).forward).parameters.values()
@@ -87,26 +88,77 @@ def real_tokens(batch: dict) -> torch.Tensor:
     m = batch.get("attention_mask")
     return m.sum() if m is not None else torch.tensor(batch["input_ids"].numel())
 
-def cpu_has_bf16() -> bool:
-    "Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX): there bf16 autocast is faster than fp32, elsewhere slower."
-    return any(getattr(torch.cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-
-def autocast_for(device: torch.device, cpu_bf16: bool = False):
-    "bf16 autocast on CUDA; on the CPU too if `cpu_bf16` and the CPU has native bf16; full fp32 elsewhere."
-    if device.type == "cuda": return torch.autocast("cuda", dtype=torch.bfloat16)
-    if cpu_bf16 and device.type == "cpu":
-        if cpu_has_bf16(): return torch.autocast("cpu", dtype=torch.bfloat16)
-        warnings.warn("bf16 autocast asked for (train.cpu_bf16 / standins.lm_bf16), but this CPU has no native bf16 "
-                      "(AVX512-BF16 or AMX), where it would be slower: computing in fp32")
-    return nullcontext()
-
 def seed_all(seed: int):
     "Seed python, numpy and torch (all devices)."
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
-# %% ../nbs/13_trainer.ipynb #30f67232
+# %% ../nbs/13_trainer.ipynb #92fafb6d
+def cpu_has_bf16() -> bool:
+    "Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX): there bf16 autocast is faster than fp32, elsewhere slower."
+    return any(getattr(torch.cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+def cuda_has_bf16(device=None) -> bool:
+    "Whether a CUDA card computes in bf16 natively (Ampere and later; not the T4 or V100, which only emulate it)."
+    with torch.cuda.device(device): return torch.cuda.is_bf16_supported(including_emulation=False)
+
+@dataclass(frozen=True)
+class Precision:
+    "How a training step computes: autocast to `dtype` (None: fp32 throughout), and whether a `GradScaler` is used."
+    dtype: torch.dtype | None = None
+    scaler: bool = False
+
+    @property
+    def name(self) -> str: return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+
+PRECISIONS = {"fp32": Precision(), "bf16": Precision(torch.bfloat16), "fp16": Precision(torch.float16, scaler=True)}
+
+def precision_for(device_type: str, # "cuda", "cpu", ...
+                  bf16: bool, # whether that device computes in bf16 natively (`cuda_has_bf16`, `cpu_has_bf16`)
+                  mode: str = "standard", # train.mode
+                  llm_dtype: str = "bfloat16", # llm.dtype: the frozen LLM's weights and NF4's compute dtype
+                  cpu_bf16: bool = False, # train.cpu_bf16: bf16 autocast on a CPU that has bf16 natively
+                  card: str = "this GPU", # how a refusal names the device, e.g. "Tesla T4"
+                 ) -> Precision:
+    "The precision training runs in on such a device; a `ConfigError` naming the card where the config cannot use it."
+    if device_type != "cuda": return PRECISIONS["bf16" if device_type == "cpu" and cpu_bf16 and bf16 else "fp32"]
+    if bf16: return PRECISIONS["bf16"]
+    if mode == "fast":
+        raise ConfigError(f"train.mode='fast' needs bf16, which the {card} does not have (its Liger-Kernel kernels and "
+                          f"once-dequantized weights are built for bf16): use train.mode=small or standard, which "
+                          f"train in fp16 with a gradient scaler there")
+    if llm_dtype == "bfloat16":
+        raise ConfigError(f"llm.dtype='bfloat16', but the {card} has no bf16: --set llm.dtype=float16 (the LLM's "
+                          f"weights and NF4's compute dtype) to train in fp16 with a gradient scaler")
+    return PRECISIONS["fp16"]
+
+def _warn_no_cpu_bf16():
+    warnings.warn("bf16 autocast asked for (train.cpu_bf16 / standins.lm_bf16), but this CPU has no native bf16 "
+                  "(AVX512-BF16 or AMX), where it would be slower: computing in fp32")
+
+def training_precision(cfg: Config, device) -> Precision:
+    "`precision_for` the config on `device`, with that device's facts (its bf16, its name)."
+    dev, t = torch.device(device), cfg.train
+    if dev.type == "cuda":
+        return precision_for("cuda", cuda_has_bf16(dev), t.mode, cfg.llm.dtype, card=torch.cuda.get_device_name(dev))
+    if dev.type == "cpu" and t.cpu_bf16 and not cpu_has_bf16(): _warn_no_cpu_bf16()
+    return precision_for(dev.type, cpu_has_bf16(), t.mode, cfg.llm.dtype, t.cpu_bf16)
+
+def autocast_for(device: torch.device, cpu_bf16: bool = False,
+                 precision: Precision | None = None, # a training run's; None: the device's default (below)
+                ):
+    "Autocast to `precision`'s dtype; by default bf16 on CUDA (fp16 on a card without it), bf16 on a CPU that has it if `cpu_bf16`."
+    device = torch.device(device)
+    if precision is None:
+        if device.type == "cuda": precision = PRECISIONS["bf16" if cuda_has_bf16(device) else "fp16"]
+        elif device.type == "cpu" and cpu_bf16 and cpu_has_bf16(): precision = PRECISIONS["bf16"]
+        else:
+            if device.type == "cpu" and cpu_bf16: _warn_no_cpu_bf16()
+            precision = PRECISIONS["fp32"]
+    return nullcontext() if precision.dtype is None else torch.autocast(device.type, dtype=precision.dtype)
+
+# %% ../nbs/13_trainer.ipynb #531e85fc
 @dataclass
 class Progress:
     "Where a run stands; saved in every checkpoint."
@@ -123,13 +175,19 @@ class Trainer:
     "One training run of `model` on `train_ds` as `cfg.train` describes it."
     def __init__(self, cfg: Config, model: nn.Module, train_ds, val_ds=None, collate_fn=None, device=None,
                  prepare: Callable | None = None, # (batch, device) -> forward kwargs; default: `to_inputs`
-                 find_unused_parameters: bool = False):
+                 find_unused_parameters: bool = False,
+                 precision: Precision | None = None): # None: `training_precision(cfg, device)`
         self.cfg, self.tc, self.d = cfg, cfg.train, init_distributed(device)
+        self.precision = precision or training_precision(cfg, self.d.device)  # refused here, before the model moves
+        self.scaler = torch.amp.GradScaler(self.d.device.type) if self.precision.scaler else None
+        if self.scaler is not None and self.d.is_main and self.d.device.type == "cuda":
+            print(f"{torch.cuda.get_device_name(self.d.device)}: no bf16, training in fp16 with a gradient scaler")
         self.out = Path(self.tc.out_dir)
         self.ckdir = self.out / "checkpoints"
         self.raw = model
         if any(p.device != self.d.device for p in model.parameters()): model.to(self.d.device)
-        self.mode = apply_mode(model, cfg, self.d.device)  # train.mode's memory/speed levers (anymal.modes)
+        half = self.precision.dtype or torch.bfloat16  # what train.mode casts the frozen encoder to on a GPU
+        self.mode = apply_mode(model, cfg, self.d.device, half=half)  # train.mode's memory/speed levers (anymal.modes)
         self.trainable = [p for p in model.parameters() if p.requires_grad]
         self.model = self.raw
         if self.d.ddp:
@@ -176,11 +234,11 @@ def micro_batches(self: Trainer):
         self.skips.report(self.p.step, self.p.epoch + 1, "epoch")
         self.p.epoch, self.p.batches = self.p.epoch + 1, 0
 
-# %% ../nbs/13_trainer.ipynb #e1c498f6
+# %% ../nbs/13_trainer.ipynb #b909f1ce
 @patch
 def train_step(self: Trainer) -> dict:
     "One optimizer step over `grad_accum` micro-batches; returns its loss, tokens, time, LRs and gradient norm."
-    tc, dev, t0 = self.tc, self.d.device, time.perf_counter()
+    tc, dev, t0, sc = self.tc, self.d.device, time.perf_counter(), self.scaler
     self.model.train()
     self.opt.zero_grad(set_to_none=True)
     losses, ids, tokens = [], [], torch.zeros((), dtype=torch.float64, device=dev)
@@ -188,28 +246,36 @@ def train_step(self: Trainer) -> dict:
         batch = next(self.batches)
         sync = not self.d.ddp or i == tc.grad_accum - 1
         with nullcontext() if sync else self.model.no_sync():
-            with autocast_for(dev, tc.cpu_bf16): loss = self.model(**self.prepare(batch, dev)).loss
-            (loss / tc.grad_accum).backward()
+            with autocast_for(dev, precision=self.precision): loss = self.model(**self.prepare(batch, dev)).loss
+            (loss / tc.grad_accum if sc is None else sc.scale(loss / tc.grad_accum)).backward()
         losses.append(loss.detach().float())
         ids.append(batch.get("sample_ids"))
         tokens += real_tokens(batch).to(dev)
     ls = torch.stack(losses)
     stats = all_reduce_sum(torch.stack([ls.sum().double(), (~ls.isfinite()).sum().double(), tokens]), self.d).tolist()
     if stats[1] > 0: raise NonFiniteError(self._nonfinite_message(ls, ids))
+    if sc is not None: sc.unscale_(self.opt)  # the true gradients, for clipping and the norm
     norm = nn.utils.clip_grad_norm_(self.trainable, tc.clip if tc.clip > 0 else float("inf"))
-    if not norm.isfinite():
-        raise NonFiniteError(f"non-finite gradient norm ({norm.item()}) at step {self.p.step + 1} with finite losses; "
-                             f"stopped before the optimizer step, nothing saved (last checkpoint: {self._last_ckpt()})")
+    scale = None if sc is None else sc.get_scale()
+    if not norm.isfinite() and (sc is None or scale <= 1):  # with a scaler, an overflow unless the scale is down to 1
+        why = "" if sc is None else f" and the fp16 loss scale down to {scale}"
+        raise NonFiniteError(f"non-finite gradient norm ({norm.item()}) at step {self.p.step + 1} with finite losses"
+                             f"{why}; stopped before the optimizer step, nothing saved (last checkpoint: "
+                             f"{self._last_ckpt()})")
     lrs = {g["name"]: g["lr"] for g in self.opt.param_groups}
-    self.opt.step()
-    self.sched.step()
+    stepped = sc is None or bool(norm.isfinite())  # the scaler skips the step exactly when a gradient is not finite
+    if sc is None: self.opt.step()
+    else:
+        sc.step(self.opt)
+        sc.update()  # halved after an overflow, doubled after `growth_interval` clean steps
+    if stepped: self.sched.step()
     dt = time.perf_counter() - t0
     self.p.step += 1
     self.p.tokens += int(stats[2])
     self.p.elapsed += dt
     return dict(
         loss=stats[0] / (tc.grad_accum * self.d.world), tokens=int(stats[2]), time=dt, lrs=lrs, grad_norm=norm.item()
-    )
+    ) | ({} if sc is None else dict(loss_scale=scale, skipped=not stepped))
 
 
 @patch
@@ -230,16 +296,17 @@ def _nonfinite_message(self: Trainer, losses, ids) -> str:
         f"stopped before the optimizer step, nothing saved (last checkpoint: {self._last_ckpt()})"
     )
 
-# %% ../nbs/13_trainer.ipynb #458d58f3
+# %% ../nbs/13_trainer.ipynb #a0be4864
 @torch.no_grad()
-def mean_loss(model: nn.Module, loader, max_batches: int, d: Dist, prepare: Callable, cpu_bf16: bool = False) -> dict:
+def mean_loss(model: nn.Module, loader, max_batches: int, d: Dist, prepare: Callable, cpu_bf16: bool = False,
+              precision: Precision | None = None) -> dict: # the run's (None: `autocast_for`'s default)
     "Mean loss over the first `max_batches` batches of `loader` (all ranks), with tokens/s."
     model.eval()
     t0 = time.perf_counter()
     tot = torch.zeros(3, dtype=torch.float64, device=d.device)  # loss sum, batches, tokens
     for i, batch in enumerate(loader):
         if i >= max_batches: break
-        with autocast_for(d.device, cpu_bf16): loss = model(**prepare(batch, d.device)).loss
+        with autocast_for(d.device, cpu_bf16, precision): loss = model(**prepare(batch, d.device)).loss
         tot += torch.stack([loss.detach().double(), torch.ones((), dtype=torch.float64, device=d.device),
                             real_tokens(batch).to(d.device).double()])
     loss_sum, n, tokens = all_reduce_sum(tot, d).tolist()
@@ -251,18 +318,19 @@ def validate(self: Trainer) -> dict:
     self.val_dl.sampler.set_epoch(0)
     self.val_dl.generator.manual_seed(self.tc.seed)
     val = self.skips.watch(self.val_dl, "val")  # the batches, their skipped records counted
-    m = mean_loss(self.raw, val, self.tc.eval_batches, self.d, self.prepare, self.tc.cpu_bf16)
+    m = mean_loss(self.raw, val, self.tc.eval_batches, self.d, self.prepare, self.tc.cpu_bf16, self.precision)
     if not math.isfinite(m["loss"]):
         raise NonFiniteError(f"non-finite val loss ({m['loss']}) at step {self.p.step}; nothing saved for this step "
                              f"(last checkpoint: {self._last_ckpt()})")
     return m
 
-# %% ../nbs/13_trainer.ipynb #cacc5861
+# %% ../nbs/13_trainer.ipynb #76f26389
 @patch
 def save(self: Trainer) -> Path:
     "Write a training checkpoint for the current step (rank 0) and point `latest` at it."
     state = dict(progress=asdict(self.p), optimizer=self.opt.state_dict(), scheduler=self.sched.state_dict(),
-                 rng=gather_objects(rng_state(), self.d), world=self.d.world, window=self.window)
+                 rng=gather_objects(rng_state(), self.d), world=self.d.world, window=self.window,
+                 precision=self.precision.name, scaler=None if self.scaler is None else self.scaler.state_dict())
     path = self.ckdir / f"step-{self.p.step:08d}"
     if self.d.is_main:
         save_checkpoint(path, self.raw, self.cfg, state, step=self.p.step, stage=self.tc.stage)
@@ -292,6 +360,11 @@ def restore(self: Trainer, ckpt) -> None:
                                  f"{sorted(kinds[1])}: resume in the mode the run was started with")
     self.opt.load_state_dict(st["optimizer"])
     self.sched.load_state_dict(st["scheduler"])
+    was = st.get("precision", self.precision.name)  # checkpoints from before the scaler trained in bf16 or fp32
+    if was != self.precision.name:
+        warnings.warn(f"{ckpt} was trained in {was}, this run trains in {self.precision.name}"
+                      + (" with a fresh gradient scaler" if self.scaler is not None else ""))
+    if self.scaler is not None and st.get("scaler"): self.scaler.load_state_dict(st["scaler"])
     self.p = Progress(**st["progress"])
     self.window, self.saved_step = st.get("window", []), self.p.step  # the steps since the last record; saved
     if st["world"] == self.d.world: set_rng_state(st["rng"][self.d.rank])
@@ -384,7 +457,7 @@ def run_passing_signals(cmd: list[str], out_dir=None, # the run's folder, to nam
     raise Interrupted(stop.signum, f"stopped by {signal.Signals(stop.signum).name}, passed on to the training process "
                                    f"(its exit code: {p.returncode}){where}")
 
-# %% ../nbs/13_trainer.ipynb #7256c2c5
+# %% ../nbs/13_trainer.ipynb #1f1f8c58
 @patch
 def record(self: Trainer, split: str, m: dict) -> dict:
     "A metrics.jsonl record for the current step."
@@ -396,9 +469,11 @@ def record(self: Trainer, split: str, m: dict) -> dict:
 def _due(step: int, every: int) -> bool: return every > 0 and step % every == 0
 
 def _window(ms: list[dict]) -> dict:
-    "The steps since the last log, summarised: mean loss, tokens/s, last LRs and gradient norm."
+    "The steps since the last log, summarised: mean loss, tokens/s, last LRs and gradient norm (fp16: scale, skips)."
+    fp16 = {} if "loss_scale" not in ms[-1] else dict(loss_scale=ms[-1]["loss_scale"],
+                                                      skipped_steps=sum(m["skipped"] for m in ms))
     return dict(loss=sum(m["loss"] for m in ms) / len(ms), lrs=ms[-1]["lrs"], grad_norm=ms[-1]["grad_norm"],
-                tokens_per_s=sum(m["tokens"] for m in ms) / max(sum(m["time"] for m in ms), 1e-9))
+                tokens_per_s=sum(m["tokens"] for m in ms) / max(sum(m["time"] for m in ms), 1e-9), **fp16)
 
 @patch
 def run(self: Trainer, resume: bool = False, progress: bool = True, on_step: Callable | None = None) -> Path:
@@ -451,14 +526,15 @@ def save_final(self: Trainer) -> Path:
     barrier(self.d)
     return path
 
-# %% ../nbs/13_trainer.ipynb #6d825a63
+# %% ../nbs/13_trainer.ipynb #519c197d
 def fit(cfg: Config, model: nn.Module, train_ds, val_ds=None, collate_fn=None,
         resume: bool = False, # continue from `<out_dir>/checkpoints/latest` if there is one
         device=None, # None: this rank's GPU if there is one, else the CPU
         prepare: Callable | None = None, # (batch, device) -> forward kwargs; default: the batch keys forward takes
         progress: bool = True, # show a tqdm bar (rank 0)
         on_step: Callable | None = None, # called as on_step(step, metrics) after every step, on every rank
-        find_unused_parameters: bool = False) -> Path: # DDP: set when a trainable parameter may get no gradient
+        find_unused_parameters: bool = False, # DDP: set when a trainable parameter may get no gradient
+        precision: Precision | None = None) -> Path: # None: the device's (`training_precision`)
     "Train `model`'s trainable parameters on `train_ds` as `cfg.train` says; returns the final checkpoint directory."
-    t = Trainer(cfg, model, train_ds, val_ds, collate_fn, device, prepare, find_unused_parameters)
+    t = Trainer(cfg, model, train_ds, val_ds, collate_fn, device, prepare, find_unused_parameters, precision)
     return t.run(resume, progress, on_step)

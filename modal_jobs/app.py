@@ -26,6 +26,7 @@ PYPROJECT = ROOT / "pyproject.toml"  # the one list of pinned dependencies; read
 image = (
     modal.Image.debian_slim(python_version="3.11")
     .apt_install("default-jre-headless")  # Java for pycocoevalcap's PTB tokenizer (caption metrics)
+    .apt_install("build-essential")  # a C compiler: Triton (train.mode=fast, train.compile) builds its launcher
     .pip_install_from_pyproject(str(PYPROJECT), optional_dependencies=["gpu"])  # + Liger-Kernel for train.mode=fast
     .env({"HF_HOME": f"{cloud.MOUNT_ROOT}/hf", "ANYMAL_CACHE": f"{cloud.MOUNT_ROOT}/runs/.anymal-cache",  # weights; tiny pretrained parts
           "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"})
@@ -105,6 +106,7 @@ def main(config: str = "full", sets: str = "", run_name: str = "", gpu: str = cl
     is_file = not config.lstrip().startswith("{") and Path(config).is_file()
     cfg = cloud.load_config(Path(config).read_text() if is_file else config, sets)
     spec = cloud.gpu_spec(gpu, n_gpus)
+    cloud.check_gpu(cfg, spec)  # a config that cannot train on this GPU (a T4: fp16 only) stops here
     _, name = cloud.job_config(cfg, run_name)
     n = int(spec.split(":")[1]) if ":" in spec else 1
     print(f"anymal: training run {name!r} on {spec}; checkpoints in volume {cloud.VOLUMES['runs']}:/{name}")

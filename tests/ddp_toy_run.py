@@ -18,12 +18,14 @@ def toy_cfg(out, *sets):
                              "llm.vocab_size=32", "llm.hidden=64", "lora.r=8", "resampler.latents=4", *sets])
 
 
-def train_toy(out, *sets, n=64, resume=False, on_step=None, nan_after=None):
-    "Build the toy (seed 0) and fit it; returns (final checkpoint dir, model)."
+def train_toy(out, *sets, n=64, resume=False, on_step=None, nan_after=None, precision=None, hook=None):
+    "Build the toy (seed 0) and fit it; returns (final checkpoint dir, model). `hook`: on the bridge's gradient."
     cfg = toy_cfg(out, *sets)
     torch.manual_seed(0)
     model = ToyVLM.from_config(cfg, nan_after=nan_after)
-    final = fit(cfg, model, ToySeqs(n), ToySeqs(32, seed=1), resume=resume, progress=False, on_step=on_step)
+    if hook is not None: model.bridge.latents.register_hook(hook)
+    final = fit(cfg, model, ToySeqs(n), ToySeqs(32, seed=1), resume=resume, progress=False, on_step=on_step,
+                precision=precision)
     return final, model
 
 

@@ -20,10 +20,15 @@ def test_reduced_demo(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     lines = [json.loads(l) for l in r.stdout.strip().splitlines() if l.startswith("{")]
     line, curve = lines[0], [l["curve"] for l in lines[1:]]
-    for k in ("vqa_accuracy", "blind_vqa_accuracy", "per_type", "heldout_vqa_accuracy", "seconds"): assert k in line, k
+    for k in ("vqa_accuracy", "vqa_accuracy_normalised", "blind_vqa_accuracy", "per_type", "heldout_vqa_accuracy",
+              "seconds"): assert k in line, k
     assert set(line["per_type"]) == {"color", "shape", "count", "position", "exists"}
     res = json.loads((out / "results.json").read_text())
     assert res["vqa_accuracy"] == line["vqa_accuracy"] and res["n_questions"] == 300
+    # both scorings of the same answers, and the instruction they followed
+    metrics = json.loads((out / "eval" / "vqa_test_none_metrics.json").read_text())
+    assert (res["vqa_accuracy"], res["vqa_accuracy_normalised"]) == (metrics["overall"], metrics["overall_normalised"])
+    assert res["blind_vqa_accuracy_normalised"] is not None and res["vqa_instruction"] == metrics["instruction"]
     # --procs 2: each stage trained under torchrun as 2 processes, the global batch of 32 split 16 + 16
     assert res["procs"] == 2 and json.loads((out / "stage1" / "launch_config.json").read_text())["train"]["batch_size"] == 16
     for f in ("loss_stage1.png", "loss_stage2.png", "vqa_accuracy.png", "stage1/metrics.jsonl", "stage2/metrics.jsonl",

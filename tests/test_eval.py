@@ -10,8 +10,8 @@ from PIL import Image
 
 import anymal.metrics as ev
 from anymal.config import DataError
-from anymal.metrics import (caption_metrics, evaluate_captions, evaluate_vqa, spice_available, vqa_accuracy,
-                         vqa_score)
+from anymal.metrics import (caption_metrics, evalai_answer, evaluate_captions, evaluate_vqa, spice_available,
+                            vqa_accuracy, vqa_score, vqa_score_normalised)
 
 FIX = Path(__file__).parent / "fixtures"
 _spec = importlib.util.spec_from_file_location("vqa_reference", FIX / "vqa_reference.py")
@@ -112,6 +112,61 @@ def test_vqa_score_matches_reference_on_random_cases():
         pred = rng.choice(pool + VOCAB[:10] if rng.random() < 0.7 else VOCAB)
         assert vqa_score(pred, answers) == ref.score(pred, answers), (pred, answers)
     assert n_identical > 300  # both branches are well exercised
+
+
+# ---- the same metric after EvalAI's answer processor (LLaVA, lmms-eval) ----------------------------------------------
+
+# (prediction, human answers, official score on the raw prediction, score after EvalAI's processor, what it shows)
+NORMALISED_CASES = [
+    ("Yes.", ten(("yes", 10)), 0.0, 1.0, "unanimous humans: the raw period costs the whole point"),
+    ("two", ten(("2", 10)), 0.0, 1.0, "number word against a unanimous digit"),
+    ("The dog", ten(("dog", 10)), 0.0, 1.0, "article and capital against a unanimous answer"),
+    ("Two dogs.", ten(("2 dogs", 10)), 0.0, 1.0, "all three at once"),
+    ("YES", ten(("yes", 10)), 0.0, 1.0, "case alone"),
+    ("What?", ten(("what", 10)), 0.0, 1.0, "question mark deleted"),
+    ("2 ", ten(("2", 10)), 1.0, 1.0, "surrounding whitespace: stripped by both"),
+    ("yes", ten(("yes", 10)), 1.0, 1.0, "already clean: the same"),
+    ("Yes.", ten(("yes", 9), ("no", 1)), 1.0, 1.0, "humans disagree: the official metric cleans both sides anyway"),
+    ("two", ["2", "2", "two"] + ten(("3", 7)), 0.9, 0.9, "mixed answers: already normalised by the official rule"),
+    ("it's", ten(("it's", 10)), 1.0, 0.0, "EvalAI splits 's: a unanimous it's is missed after normalising"),
+    ("1,000", ten(("1,000", 10)), 1.0, 0.0, "EvalAI deletes every comma: a unanimous 1,000 is missed"),
+    ("dog", ten(("the dog", 10)), 0.0, 0.0, "the human answers are not normalised when unanimous"),
+]
+
+
+@pytest.mark.parametrize("pred,answers,raw,norm,why", NORMALISED_CASES, ids=[c[4] for c in NORMALISED_CASES])
+def test_raw_and_normalised_scores(pred, answers, raw, norm, why):
+    assert (vqa_score(pred, answers), vqa_score_normalised(pred, answers)) == pytest.approx((raw, norm), abs=1e-12)
+    assert vqa_score_normalised(pred, answers) == ref.lmms_eval_score(pred, answers)  # bit-identical to lmms-eval's
+
+
+def test_evalai_answer_matches_the_reference_processor():
+    rng = random.Random(2)
+    extra = ["It's red.", "The Two Dogs!", "1,000,000", "a/b", "ma'am's", "3.5.", "  Yes\t", "None", "ten?", "x - y",
+             "he's", "'s", "(the) cat", "don't", "Wont", "o'clock", "yes,no", "2,3", "a,b 1,2"]
+    for a in VOCAB + extra: assert evalai_answer(a) == ref.evalai_processor(a), a
+    for _ in range(3000):
+        pred, pool = rng.choice(VOCAB + extra), rng.sample(VOCAB + extra, rng.choice([1, 1, 2, 3]))
+        answers = [rng.choice(pool) for _ in range(rng.choice([10, 10, 3]))]
+        assert vqa_score_normalised(pred, answers) == ref.lmms_eval_score(pred, answers), (pred, answers)
+
+
+def test_vqa_accuracy_reports_both_side_by_side():
+    anns = [_ann(1, 1, "is there a", "yes/no", ten(("yes", 10))), _ann(2, 1, "how many", "number", ten(("2", 10))),
+            _ann(3, 1, "what is the", "other", ten(("dog", 10))), _ann(4, 1, "what is the", "other", ten(("it's", 10)))]
+    res = [{"question_id": 1, "answer": "Yes."}, {"question_id": 2, "answer": "two"},
+           {"question_id": 3, "answer": "The dog"}, {"question_id": 4, "answer": "it's"}]
+    acc = vqa_accuracy(res, None, {"annotations": anns})
+    assert (acc["overall"], acc["overall_normalised"]) == (25.0, 75.0)
+    assert acc["perAnswerType"] == {"yes/no": 0.0, "number": 0.0, "other": 50.0}
+    assert acc["perAnswerType_normalised"] == {"yes/no": 100.0, "number": 100.0, "other": 50.0}
+    assert acc["perQuestionType_normalised"]["how many"] == 100.0 and acc["perQuestionType"]["how many"] == 0.0
+    assert acc["evalQA"] == {1: 0.0, 2: 0.0, 3: 0.0, 4: 100.0}
+    assert acc["evalQA_normalised"] == {1: 100.0, 2: 100.0, 3: 100.0, 4: 0.0}
+    assert acc["counts"]["changed_by_normalising"] == 4
+    assert "as the model wrote them" in acc["scoring"]["overall"] and "EvalAI" in acc["scoring"]["overall_normalised"]
+    theirs, _, _ = ref.evaluate(anns, {r["question_id"]: r["answer"] for r in res})
+    assert theirs["overall"] == acc["overall"]  # the raw number is still the official one
 
 
 def _ann(qid, img, qt, at, answers):

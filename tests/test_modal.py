@@ -64,6 +64,26 @@ def test_image_installs_the_pinned_dependencies_and_the_source(appmod):
     assert "ENV HF_HOME=/vol/hf" in image_commands(appmod.image)
 
 
+def test_image_has_a_c_compiler_for_triton(appmod):
+    "train.mode=fast (Liger-Kernel) and train.compile run Triton, which compiles a C launcher at first use."
+    cmds = image_commands(appmod.image)
+    assert "RUN apt-get install -y build-essential" in cmds and "RUN apt-get install -y default-jre-headless" in cmds
+    pip = next(i for i, c in enumerate(cmds) if "pip install" in c and "torch" in c)
+    assert cmds.index("RUN apt-get install -y build-essential") < pip  # a system layer, before the Python packages
+
+
+def test_a_t4_is_refused_before_anything_is_sent(monkeypatch):
+    "No bf16 on a T4: the full preset (bf16 LLM) and train.mode=fast are refused by name, before the token check."
+    from anymal.config import ConfigError, full
+    monkeypatch.setattr(cloud, "require_modal_token", lambda: pytest.fail("got as far as the Modal token"))
+    with pytest.raises(ConfigError, match=r"llm.dtype='bfloat16', but the T4 \(Modal\) has no bf16"):
+        cloud.submit(full(), gpu="T4")
+    with pytest.raises(ConfigError, match=r"train.mode='fast' needs bf16, which the T4 \(Modal\) does not have"):
+        cloud.submit(override(full(), ["llm.dtype=float16", "train.mode=fast"]), gpu="T4")
+    assert cloud.check_gpu(override(full(), ["llm.dtype=float16"]), "T4").name == "fp16"
+    assert cloud.check_gpu(full(), "A100-80GB:2").name == "bf16"
+
+
 def _no_token_env(tmp_path) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MODAL_")}
     env.update(HOME=str(tmp_path), MODAL_CONFIG_PATH=str(tmp_path / "none.toml"))

@@ -190,3 +190,38 @@ def test_eager_adds_its_mask_so_packed_rows_get_an_additive_one():
     assert torch.allclose(out["sdpa", "bool"], out["sdpa", "float"], atol=1e-5)
     assert not torch.allclose(out["eager", "bool"], out["eager", "float"], atol=1e-3)  # added as 0/1: a leak
     assert torch.allclose(out["eager", "chosen"], out["eager", "float"]) and torch.allclose(out["sdpa", "chosen"], out["sdpa", "bool"])
+
+
+def _ddp_text_only_worker(rank: int, out: str):
+    "One of two gloo processes: stage-2 AnyMAL under DDP (as the trainer wraps it); rank 1's second batch has no image."
+    import os
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["ANYMAL_TEST_PORT"])
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    m = _build(tiny(), stage=2)
+    ddp = DDP(m, broadcast_buffers=False, find_unused_parameters=False)
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-3)
+    for step in range(3):
+        text_only = rank == 1 and step == 1
+        ids, am, labels, pix, _, n = _batch(m.num_tokens, n_images=(0, 0) if text_only else (1, 2), seed=step)
+        ddp(ids, am, labels, pixels=None if text_only else pix, n_images=n).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    torch.save(m.trainable_state_dict(), f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_ddp_trains_through_a_batch_without_images(tmp_path, monkeypatch):
+    """A rank whose batch is all text (LLaVA-1.5's ShareGPT records) still gives every trainable parameter a gradient:
+    without it DDP's reducer fails the next step ("Expected to have finished reduction ...") and the other rank hangs."""
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("ANYMAL_TEST_PORT", str(s.getsockname()[1]))
+    mp.start_processes(_ddp_text_only_worker, args=(str(tmp_path),), nprocs=2, start_method="fork")  # no re-imports
+    a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert a.keys() == b.keys() and any(k.startswith("bridge.") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the ranks stayed in step

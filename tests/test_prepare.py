@@ -1,91 +1,70 @@
-"""Full-scale data preparation (anymal.prepare) against small local fakes of the public sources: no network."""
+"""Full-scale data preparation (anymal.prepare) against stand-ins of the public sources (tests/sources.py): the real
+layouts and their realities, the Hugging Face files through an `hf_hub_download` of the same signature, the rest
+through `http_fetch` of local copies. No network."""
 import hashlib, io, json, tarfile, zipfile
+from collections import Counter
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
 from anymal import prepare as P
 from anymal.cli import main as cli_main
-
-
-def jpeg(seed: int) -> bytes:
-    b = io.BytesIO(); Image.new("RGB", (8, 8), (seed * 40 % 256, 30, 90)).save(b, "JPEG"); return b.getvalue()
-
-
-def conv(q="<image>\nWhat is it?", a="A square."):
-    return [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
+from anymal.config import UserError
+from parts import LLAMA3_REPO as REPO, hub_cache_snapshot, llama3_folder
+from sources import StandInSources, image_bytes
 
 
 @pytest.fixture
-def sources(tmp_path):
-    "Fake copies of every public source, as file:// URLs; returns (urls, dir)."
-    src = tmp_path / "src"; src.mkdir()
-    llava = [{"id": f"r{i}", "image": f"{i:012d}.jpg", "conversations": conv()} for i in range(1, 9)]
-    llava += [{"id": "no-image", "image": "000000000099.jpg", "conversations": conv()},
-              {"id": "no-answer", "image": "000000000001.jpg", "conversations": conv()[:1]},
-              {"id": "two-markers", "image": "000000000001.jpg", "conversations": conv("<image><image>")}]
-    (src / "llava_instruct_150k.json").write_text(json.dumps(llava))
-    with zipfile.ZipFile(src / "train2017.zip", "w") as z:
-        for i in range(1, 11): z.writestr(f"train2017/{i:012d}.jpg", jpeg(i))
-    lcs = [{"id": f"{i:09d}", "image": f"00000/{i:09d}.jpg", "conversations": conv("<image>\nDescribe.", f"caption {i}")} for i in range(25)]
-    lcs += [{"id": "nocap", "image": "00000/nocap.jpg", "conversations": conv()[:1]}, {"id": "png", "image": "00000/png.jpg", "conversations": conv()},
-            {"id": "lost", "image": "00000/lost.jpg", "conversations": conv()}]
-    (src / "blip_laion_cc_sbu_558k.json").write_text(json.dumps(lcs))
-    with zipfile.ZipFile(src / "images.zip", "w") as z:
-        for r in lcs[:25]: z.writestr(r["image"], jpeg(int(r["id"])))
-        z.writestr("00000/png.jpg", b"\x89PNG\r\n\x1a\nnot a jpeg")
-    ids = [3, 1, 2, 5]
-    qs = {"data_subtype": "val2014", "questions": [{"image_id": i, "question": f"q{k}", "question_id": i * 10 + k} for i in ids for k in (0, 1)]}
-    an = {"annotations": [{"image_id": i, "question_id": i * 10 + k, "question_type": "what", "answer_type": "other", "multiple_choice_answer": "red",
-                           "answers": [{"answer": "red", "answer_confidence": "yes", "answer_id": j} for j in range(1, 11)]} for i in ids for k in (0, 1)]}
-    caps = {"images": [{"id": i, "file_name": f"{i:012d}.jpg"} for i in ids], "annotations": [{"image_id": i, "id": 100 + i, "caption": "x"} for i in ids]}
-    for name, member, obj in (("v2_Questions_Val_mscoco.zip", "v2_OpenEnded_mscoco_val2014_questions.json", qs),
-                              ("v2_Annotations_Val_mscoco.zip", "v2_mscoco_val2014_annotations.json", an),
-                              ("annotations_trainval2017.zip", "annotations/captions_val2017.json", caps)):
-        with zipfile.ZipFile(src / name, "w") as z: z.writestr(member, json.dumps(obj))
-    with zipfile.ZipFile(src / "val2014.zip", "w") as z:
-        for i in ids[:3]: z.writestr(f"val2014/COCO_val2014_{i:012d}.jpg", jpeg(i))  # image 5 is missing
-    with zipfile.ZipFile(src / "val2017.zip", "w") as z:
-        for i in ids: z.writestr(f"val2017/{i:012d}.jpg", jpeg(i))
-    files = {"llava_instruct": "llava_instruct_150k.json", "coco_train2017": "train2017.zip", "lcs558k_json": "blip_laion_cc_sbu_558k.json",
-             "lcs558k_images": "images.zip", "vqav2_questions_val": "v2_Questions_Val_mscoco.zip", "vqav2_annotations_val": "v2_Annotations_Val_mscoco.zip",
-             "coco_val2014": "val2014.zip", "coco_annotations2017": "annotations_trainval2017.zip", "coco_val2017": "val2017.zip"}
-    assert set(files) == set(P.SOURCES)
-    return {k: (src / v).as_uri() for k, v in files.items()}, src
-
-
-def url_args(urls): return [f"--url={k}={v}" for k, v in urls.items()]
+def src(tmp_path):
+    return StandInSources(tmp_path / "src")
 
 
 def sha(p): return hashlib.sha256(Path(p).read_bytes()).hexdigest()
 
 
-def run_all(root, urls, *extra):
-    return cli_main(["prepare", "all", "--root", str(root), "--val", "2", "--shard-size", "10", *url_args(urls), *extra])
+def run_all(src, root, *extra):
+    return src.prepare("all", "--root", root, "--val", "2", "--shard-size", "10", *extra)
 
 
-def test_layout_counts_and_manifest(tmp_path, sources, capsys):
-    urls, _ = sources
+def read(root, rel): return json.loads((Path(root) / rel).read_text())
+
+
+def check_llava(src, root, instruct):
+    "The llava manifest and outputs against what the stand-in says of each record; returns (manifest, train, val)."
+    man = read(root, "manifests/llava.json")
+    fates, recs = src.expect[instruct], src.records[instruct]
+    train, val = read(root, "llava/llava_instruct_train.json"), read(root, "llava/llava_instruct_val.json")
+    c = man["counts"]
+    assert c["records"] == len(recs) == c["train"] + c["val"] + c["skipped"]  # every record: kept or skipped
+    assert (c["train"], c["val"]) == (len(train), len(val)) and c["val"] >= 2
+    assert c["text_only"] == fates.count("text") == sum("image" not in r for r in train + val)
+    assert sum(c["by_source"].values()) == len(train) + len(val) and c["by_source"].get("text_only", 0) == c["text_only"]
+    assert sorted(map(json.dumps, train + val)) == sorted(map(json.dumps, src.kept(instruct)))  # kept exactly as they are
+    want = sorted((str(r["id"]), f) for r, f in zip(recs, fates) if f not in ("image", "text"))
+    got = sorted((str(s["id"]), s["reason"]) for s in man["skipped"])
+    assert len(got) == len(want) and all(i == j and why in reason for (i, why), (j, reason) in zip(want, got)), got
+    groups = lambda rs: {r.get("image") or f"id {r['id']}" for r in rs}
+    assert not groups(train) & groups(val)  # no image in both splits
+    for r in train + val:
+        if "image" in r: assert (Path(root) / "images" / r["image"]).is_file(), r["image"]
+    for rel, rec in man["files"].items():
+        assert rec == {"size": (Path(root) / rel).stat().st_size, "sha256": sha(Path(root) / rel)}, rel
+    return man, train, val
+
+
+def test_layout_counts_and_manifest(tmp_path, src, capsys):
     root = tmp_path / "data"
-    assert run_all(root, urls) == 0
+    assert run_all(src, root) == 0
     lines = [json.loads(l) for l in capsys.readouterr().out.splitlines()]
     assert [l["dataset"] for l in lines] == ["llava", "captions", "vqav2", "coco"]
-    # LLaVA: 8 good records, 3 bad ones skipped with their reasons; 2 held out; the images they need extracted
-    man = json.loads((root / "manifests/llava.json").read_text())
-    assert (man["counts"]["train"], man["counts"]["val"], man["counts"]["skipped"]) == (6, 2, 3)
-    reasons = {s["id"]: s["reason"] for s in man["skipped"]}
-    assert reasons == {"no-image": "image 000000000099.jpg not in train2017.zip", "no-answer": "no assistant turn",
-                       "two-markers": "2 <image> markers for one image"}
-    train = json.loads((root / "llava/llava_instruct_train.json").read_text())
-    val = json.loads((root / "llava/llava_instruct_val.json").read_text())
-    assert len(train) == 6 and len(val) == 2 and not {r["id"] for r in train} & {r["id"] for r in val}
-    assert all((root / "images" / r["image"]).read_bytes() == jpeg(int(r["image"][:12])) for r in train + val)
+    # LLaVA-Instruct-150K: bad records skipped with their reasons, the split by image, the images extracted
+    man, train, val = check_llava(src, root, "llava150k")
+    assert man["counts"]["text_only"] == 0 and man["counts"]["by_source"] == {"coco": len(train) + len(val)}
     assert sorted(p.name for p in (root / "images").iterdir()) == [f"{i:012d}.jpg" for i in range(1, 9)]
-    for rel, rec in man["files"].items():
-        assert rec == {"size": (root / rel).stat().st_size, "sha256": sha(root / rel)}, rel
+    with zipfile.ZipFile(src.files["coco_train2017"]) as z:
+        assert all((root / "images" / r["image"]).read_bytes() == z.read(f"train2017/{r['image']}") for r in train + val)
     # captions: webdataset shards in img2dataset's layout
-    man = json.loads((root / "manifests/captions.json").read_text())
+    man = read(root, "manifests/captions.json")
     assert (man["counts"]["train"], man["counts"]["val"], man["counts"]["skipped"]) == (23, 2, 3)
     assert {s["reason"] for s in man["skipped"]} == {"no caption", "image is not a JPEG", "image 00000/lost.jpg not in the zip"}
     shards = sorted((root / "captions").glob("train-*.tar"))
@@ -96,75 +75,169 @@ def test_layout_counts_and_manifest(tmp_path, sources, capsys):
         assert names[:3] == [f"{key}.jpg", f"{key}.txt", f"{key}.json"] and key == "000000000"
         meta = json.loads(tf.extractfile(f"{key}.json").read())
         assert tf.extractfile(f"{key}.txt").read().decode() == meta["caption"] == f"caption {int(meta['id'])}"
-        assert tf.extractfile(f"{key}.jpg").read() == jpeg(int(meta["id"]))
+        assert tf.extractfile(f"{key}.jpg").read() == image_bytes(int(meta["id"]), "L" if int(meta["id"]) % 5 == 0 else "RGB")
     # VQAv2: the official names and structure; questions of the image missing from the zip skipped
-    man = json.loads((root / "manifests/vqav2.json").read_text())
-    qs = json.loads((root / "vqa/v2_OpenEnded_mscoco_val2014_questions.json").read_text())
+    man = read(root, "manifests/vqav2.json")
+    qs = read(root, "vqa/v2_OpenEnded_mscoco_val2014_questions.json")
     assert qs["data_subtype"] == "val2014" and len(qs["questions"]) == 6 and man["counts"]["skipped"] == 2
     assert sorted(p.name for p in (root / "coco/val2014").iterdir()) == [f"COCO_val2014_{i:012d}.jpg" for i in (1, 2, 3)]
-    caps = json.loads((root / "coco/captions_val2017.json").read_text())
+    caps = read(root, "coco/captions_val2017.json")
     assert len(caps["images"]) == 4 and all((root / "coco/val2017" / im["file_name"]).exists() for im in caps["images"])
 
 
-def test_second_run_fetches_and_rewrites_nothing(tmp_path, sources):
-    urls, _ = sources
+def test_hub_files_come_through_hf_hub_download(tmp_path, src):
+    "The four Hugging Face files through `hf_hub_download(repo_type='dataset')`, everything else over HTTP."
     root = tmp_path / "data"
-    calls = []
-    def fetch(url, dest): calls.append(url); return P.http_fetch(url, dest)
-    for ds in P.PREPARERS: P.prepare(ds, root, urls=urls, fetch=fetch, **({"shard_size": 10} if ds == "captions" else {}))
-    assert len(calls) == len(P.SOURCES)
+    assert run_all(src, root) == 0
+    assert src.prepare("llava", "--root", root, "--instruct", "mix665k", "--val", "2") == 0
+    assert sorted(src.hub_calls) == sorted((s.repo, s.filename, "dataset") for s in P.SOURCES.values()
+                                           if isinstance(s, P.HubFile))
+    assert not [u for u in src.http_calls if "huggingface.co" in u]
+    assert sorted(src.http_calls) == sorted(s for s in P.SOURCES.values() if isinstance(s, str))  # each once
+    assert (root / "downloads/.cache/huggingface").is_dir()  # huggingface_hub's own bookkeeping, beside the files
+    for name in P.SOURCES: assert (root / "downloads" / P.download_name(name)).is_file(), name
+    # --url sends a Hub file over HTTP instead (e.g. for http_fetch's resume), to the same place
+    other = tmp_path / "other"
+    src.hub_calls.clear()
+    url = src.files["llava_instruct"].as_uri()
+    assert src.prepare("llava", "--root", other, "--val", "2", f"--url=llava_instruct={url}") == 0
+    assert src.hub_calls == [] and url in src.http_calls
+    assert sha(other / "downloads/llava_instruct_150k.json") == sha(src.files["llava_instruct"])
+
+
+@pytest.mark.parametrize("kind", ["gated", "repo", "file", "offline", "model"])
+def test_hub_refusals_are_one_line_user_errors(tmp_path, src, monkeypatch, capsys, kind):
+    "What the Hub says becomes one line naming the repo and the file, and what to do; the command exits 1 with it."
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
+    f = P.SOURCES["llava_instruct"]
+    if kind == "gated": src.gated.add(f.repo)
+    if kind == "offline": src.offline = True
+    if kind == "repo": f = P.HubFile("liuhaotian/No-Such-Dataset", f.filename)
+    if kind == "file": f = P.HubFile(f.repo, "llava_instruct_151k.json")
+    download = src.hf_hub_download
+    if kind == "model":  # the same call without repo_type="dataset": the Hub looks for a model and answers 401
+        download = lambda repo, filename, **kw: src.hf_hub_download(repo, filename, **{**kw, "repo_type": None})
+    with pytest.raises(UserError) as e: P.hub_fetch(f, tmp_path / "downloads" / f.filename, download, "llava_instruct")
+    msg = str(e.value)
+    assert "\n" not in msg and f.repo in msg and f.filename in msg, msg
+    assert {"gated": "Accept its terms on https://huggingface.co/datasets/liuhaotian/LLaVA-Instruct-150K",
+            "repo": "does not exist or is private", "file": "has no file llava_instruct_151k.json (404)",
+            "offline": "cannot reach the Hugging Face Hub", "model": "does not exist or is private"}[kind] in msg
+    if kind in ("gated", "repo", "model"): assert "HF_TOKEN is not set" in msg and "hf auth login" in msg
+    if kind != "gated": assert "--url llava_instruct=URL" in msg
+    assert not (tmp_path / "downloads" / f.filename).exists()
+    # through the command: exit status 1 and the one line (huggingface_hub.hf_hub_download is what it calls)
+    if kind in ("gated", "offline"):
+        monkeypatch.setattr("huggingface_hub.hf_hub_download", src.hf_hub_download)
+        capsys.readouterr()
+        assert cli_main(["prepare", "llava", "--root", str(tmp_path / "data")]) == 1
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and msg in err and "Traceback" not in err, err
+
+
+def test_the_installed_hf_hub_download_takes_the_call(tmp_path, monkeypatch):
+    """`hub_fetch` against the real `huggingface_hub.hf_hub_download`, offline (its request hook refuses to send
+    anything): a changed signature fails here, and its offline error becomes the one line."""
+    import huggingface_hub.constants as C
+    monkeypatch.setattr(C, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(C, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))  # no copy to find in the user's cache
+    dest = tmp_path / "downloads/llava_v1_5_mix665k.json"
+    with pytest.raises(P.HubAccessError, match=r"cannot reach the Hugging Face Hub .*HF_HUB_OFFLINE is set") as e:
+        P.hub_fetch(P.SOURCES["llava_mix665k"], dest, name="llava_mix665k")
+    assert type(e.value.__cause__).__name__ == "LocalEntryNotFoundError" and not dest.exists()
+
+
+def test_hub_download_interrupted_leaves_no_file_and_the_next_run_completes(tmp_path, src):
+    root = tmp_path / "data"
+    def dying(repo_id, filename, **kw):  # huggingface_hub deletes its partial file when a download is interrupted
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt): P.prepare_llava(root, fetch=src.fetch, hub_download=dying)
+    assert not (root / "downloads/llava_instruct_150k.json").exists()
+    man = P.prepare_llava(root, fetch=src.fetch, hub_download=src.hf_hub_download, val=2)
+    assert man["counts"]["train"] + man["counts"]["val"] == len(src.kept("llava150k"))
+
+
+def test_mix665k_realities(tmp_path, src, capsys):
+    "LLaVA-1.5's mix: sub-folders per source, text-only records, <image> at the end, int ids, every image mode."
+    root = tmp_path / "data"
+    src.user_files(root)  # the OCR-VQA images a user fetched with LLaVA's script
+    assert src.prepare("llava", "--root", root, "--instruct", "mix665k", "--val", "2") == 0
+    line = json.loads(capsys.readouterr().out.splitlines()[-1])
+    man, train, val = check_llava(src, root, "mix665k")
+    assert line["text_only"] == 2 and line["by_source"] == man["counts"]["by_source"]
+    kinds = Counter(r["image"].split("/")[0] if "image" in r else "text_only" for r in src.kept("mix665k"))
+    assert man["counts"]["by_source"] == dict(kinds) and set(kinds) == {"coco", "gqa", "ocr_vqa", "textvqa", "vg", "text_only"}
+    kept = train + val
+    assert {type(r["id"]) for r in kept} == {str, int}  # integer ids stay integers
+    assert {r["image"].split("/")[0] for r in kept if "image" in r} == {"coco", "gqa", "ocr_vqa", "textvqa", "vg"}
+    assert any(r["conversations"][0]["value"].endswith("<image>") for r in kept)
+    assert Counter(r["id"] for r in kept)["000000000001"] == 2  # two records of one image, one id
+    on_disk = sorted(str(p.relative_to(root / "images")) for p in (root / "images").rglob("*") if p.is_file())
+    assert on_disk == sorted({r["image"] for r in kept if "image" in r})
+    # a second run with the OCR-VQA image gone: that record is skipped too, the rest unchanged
+    (root / "images/ocr_vqa/images/689852649.jpg").unlink()
+    man2 = P.prepare_llava(root, fetch=src.fetch, hub_download=src.hf_hub_download, val=2, instruct="mix665k")
+    assert man2["counts"]["skipped"] == man["counts"]["skipped"] + 1 and man2["counts"]["by_source"].get("ocr_vqa", 0) == 0
+
+
+def test_second_run_fetches_and_rewrites_nothing(tmp_path, src):
+    root = tmp_path / "data"
+    kw = dict(fetch=src.fetch, hub_download=src.hf_hub_download)
+    for ds in P.PREPARERS: P.prepare(ds, root, **kw, **({"shard_size": 10} if ds == "captions" else {}))
+    mix_only = {P.INSTRUCT["mix665k"][0]} | {row[2] for row in P.INSTRUCT["mix665k"][1] if row[2] != "coco_train2017"}
+    assert len(src.http_calls) + len(src.hub_calls) == len(set(P.SOURCES) - mix_only)  # each source of the four, once
     outputs = [p for p in root.rglob("*") if p.is_file() and "manifests" not in p.parts]
     before = {p: (p.stat().st_mtime_ns, sha(p)) for p in outputs}
-    m1 = {ds: json.loads((root / f"manifests/{ds}.json").read_text()) for ds in P.PREPARERS}
-    calls.clear()
-    for ds in P.PREPARERS: P.prepare(ds, root, urls=urls, fetch=fetch, **({"shard_size": 10} if ds == "captions" else {}))
-    assert calls == []
+    m1 = {ds: read(root, f"manifests/{ds}.json") for ds in P.PREPARERS}
+    src.http_calls.clear()
+    src.hub_calls.clear()
+    for ds in P.PREPARERS: P.prepare(ds, root, **kw, **({"shard_size": 10} if ds == "captions" else {}))
+    assert src.http_calls == [] and src.hub_calls == []
     untouched = [p for p in outputs if p.suffix == ".tar" or "images" in p.parts or "downloads" in p.parts or "val2014" in p.parts]
     assert len(untouched) > 20 and all(p.stat().st_mtime_ns == before[p][0] for p in untouched)
     assert all(sha(p) == before[p][1] for p in outputs)  # and the rest is byte-identical
-    m2 = {ds: json.loads((root / f"manifests/{ds}.json").read_text()) for ds in P.PREPARERS}
+    m2 = {ds: read(root, f"manifests/{ds}.json") for ds in P.PREPARERS}
     assert m1 == m2  # the same counts, files and skipped records
 
 
-def test_damaged_outputs_are_rebuilt(tmp_path, sources):
-    urls, _ = sources
+def test_damaged_outputs_are_rebuilt(tmp_path, src):
     root = tmp_path / "data"
-    P.prepare_captions(root, urls, shard_size=10, val=2)
+    kw = dict(fetch=src.fetch, hub_download=src.hf_hub_download, shard_size=10, val=2)
+    P.prepare_captions(root, **kw)
     shard, other = root / "captions/train-00001.tar", root / "captions/train-00000.tar"
     good, t_other = shard.read_bytes(), other.stat().st_mtime_ns
     shard.write_bytes(good[:100])  # truncated: the size check catches it
-    P.prepare_captions(root, urls, shard_size=10, val=2)
+    P.prepare_captions(root, **kw)
     assert shard.read_bytes() == good and other.stat().st_mtime_ns == t_other
     bad = bytearray(good); bad[600] ^= 1; shard.write_bytes(bytes(bad))  # same size: only --verify catches it
-    P.prepare_captions(root, urls, shard_size=10, val=2)
+    P.prepare_captions(root, **kw)
     assert shard.read_bytes() == bytes(bad)
-    P.prepare_captions(root, urls, shard_size=10, val=2, verify=True)
+    P.prepare_captions(root, **kw, verify=True)
     assert shard.read_bytes() == good
 
 
-def test_changed_options_rebuild_outputs_but_keep_downloads(tmp_path, sources):
-    urls, _ = sources
+def test_changed_options_rebuild_outputs_but_keep_downloads(tmp_path, src):
     root = tmp_path / "data"
-    calls = []
-    def fetch(url, dest): calls.append(url); return P.http_fetch(url, dest)
-    P.prepare_llava(root, urls, fetch, val=2)
-    man = P.prepare_llava(root, urls, fetch, val=3, limit=9)
-    assert len(calls) == 2 and (man["counts"]["train"], man["counts"]["val"]) == (5, 3)
+    kw = dict(fetch=src.fetch, hub_download=src.hf_hub_download)
+    P.prepare_llava(root, val=2, **kw)
+    man = P.prepare_llava(root, val=3, limit=9, **kw)
+    assert len(src.hub_calls) + len(src.http_calls) == 2 and man["counts"]["records"] == 9
+    assert man["counts"]["val"] >= 3 and man["counts"]["train"] + man["counts"]["val"] == 9
 
 
-def test_interrupted_download_resumes(tmp_path, sources):
-    urls, src = sources
+def test_interrupted_download_resumes(tmp_path, src):
     root = tmp_path / "data"
     def dying_fetch(url, dest):  # writes half of the file to .part, then the connection drops
-        data = Path(url[len("file://"):]).read_bytes()
+        data = src.http[url].read_bytes()
         Path(str(dest) + ".part").parent.mkdir(parents=True, exist_ok=True)
         Path(str(dest) + ".part").write_bytes(data[: len(data) // 2])
         raise ConnectionResetError("connection reset")
-    with pytest.raises(ConnectionResetError): P.prepare_llava(root, urls, dying_fetch)
-    assert not (root / "downloads/llava_instruct_150k.json").exists()  # never a half file under the final name
-    man = P.prepare_llava(root, urls, val=2)
-    assert man["counts"]["train"] == 6 and not list((root / "downloads").glob("*.part"))
-    assert sha(root / "downloads/llava_instruct_150k.json") == sha(src / "llava_instruct_150k.json")
+    with pytest.raises(ConnectionResetError): P.prepare_vqav2(root, fetch=dying_fetch)
+    assert not (root / "downloads/v2_Questions_Val_mscoco.zip").exists()  # never a half file under the final name
+    man = P.prepare_vqav2(root, fetch=src.fetch)
+    assert man["counts"]["questions"] == 6 and not list((root / "downloads").glob("*.part"))
+    assert sha(root / "downloads/v2_Questions_Val_mscoco.zip") == sha(src.files["vqav2_questions_val"])
 
 
 class FakeResponse(io.BytesIO):
@@ -194,50 +267,23 @@ def test_http_fetch_continues_with_a_range_request(tmp_path, monkeypatch):
 def test_bad_arguments_are_clear(tmp_path, capsys):
     with pytest.raises(SystemExit): P.prepare_main(["llava", "--root", str(tmp_path), "--url", "nope=file:///x"])
     assert "--url needs NAME=URL" in capsys.readouterr().err
+    with pytest.raises(SystemExit): P.prepare_main(["llava", "--root", str(tmp_path), "--instruct", "mix1m"])
+    assert "invalid choice: 'mix1m'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="shard_size"): P.prepare_captions(tmp_path, shard_size=20000)
+    with pytest.raises(ValueError, match="instruct must be one of"): P.prepare_llava(tmp_path, instruct="mix1m")
 
 
 # ---- real weights: the full preset through the real loading code, on a fake hub cache of the real layout ----
 
-REPO = "meta-llama/Meta-Llama-3-8B-Instruct"
 CLIP_REPO = "timm/vit_large_patch14_clip_224.openai"
-
-
-def tiny_llama_folder(d: Path) -> Path:
-    "A LlamaForCausalLM checkpoint with LLaMA-3's file names (sharded safetensors + index, generation config, tokenizer), tiny sizes."
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=128, rope_theta=500000.0, tie_word_embeddings=False,
-                      bos_token_id=256, eos_token_id=257)
-    LlamaForCausalLM(cfg).save_pretrained(d, max_shard_size="60KB")  # several shards, as the real 4 x 5 GB
-    from anymal.tokenizer import LLAMA3_CHAT_TEMPLATE, SPECIAL_TOKENS
-    specials = ["<|begin_of_text|>", "<|eot_id|>", "<unk>"] + [t for t in SPECIAL_TOKENS if t not in ("<|begin_of_text|>", "<|eot_id|>")]
-    vocab = {chr(i + 33): i for i in range(94)} | {t: 256 + i for i, t in enumerate(specials)}  # LLaMA-3's special tokens
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>")); tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
-                            chat_template=LLAMA3_CHAT_TEMPLATE).save_pretrained(d)
-    return d
-
-
-def hub_cache_snapshot(src: Path, repo: str, cache: Path, rev: str = "0" * 40) -> Path:
-    "Lay `src`'s files out in the HF hub cache the way huggingface_hub's downloads do: blobs, snapshots/<rev>, refs/main."
-    base = cache / f"models--{repo.replace('/', '--')}"
-    snap = base / "snapshots" / rev; snap.mkdir(parents=True)
-    (base / "blobs").mkdir()
-    for f in src.iterdir():
-        blob = base / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest(); blob.write_bytes(f.read_bytes())
-        (snap / f.name).symlink_to(Path("../../blobs") / blob.name)
-    (base / "refs").mkdir(); (base / "refs" / "main").write_text(rev)
-    return snap
 
 
 @pytest.fixture
 def fake_hub(tmp_path):
     "A stand-in for the hub: snapshot_download and open_clip's download write the real cache layout from local files."
-    src = tiny_llama_folder(tmp_path / "llama")
+    from anymal.config import LLMConfig
+    shape = LLMConfig(hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2, vocab_size=300)
+    src = llama3_folder(tmp_path / "llama", shape, ["What is it? A square."] * 20)  # files and tokens as Meta's
     names = sorted(p.name for p in src.iterdir())
     assert {"config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json"} <= set(names)
     assert sum(n.startswith("model-") and n.endswith(".safetensors") for n in names) >= 2
@@ -298,25 +344,68 @@ def test_gated_download_without_token_is_one_clear_message(tmp_path, monkeypatch
     def snapshot(repo, **kw):
         raise GatedRepoError("401 Client Error", response=httpx.Response(401, request=httpx.Request("GET", "https://huggingface.co")))
     with pytest.raises(RuntimeError) as e: P.prepare_weights(full(), str(tmp_path), snapshot, lambda *a, **k: None)
+    assert isinstance(e.value, UserError)  # the command prints it as one line, without a traceback
     msg = str(e.value)
     assert "HF_TOKEN is not set" in msg and f"https://huggingface.co/{REPO}" in msg and "modal secret create huggingface" in msg
 
 
-def test_prepared_data_feeds_the_real_loaders(tmp_path, sources):
-    "What `anymal prepare` writes is what `anymal.data` reads, for both stages, with every kept record usable."
+
+
+@pytest.mark.parametrize("instruct", ["llava150k", "mix665k"])
+def test_prepared_data_feeds_the_real_loaders(tmp_path, src, instruct):
+    """What `anymal prepare` writes is what `anymal.data` reads, for both stages, with every kept record usable:
+    text-only records as samples without images, `<image>` where the record puts it, images of every mode as RGB;
+    and a batch of text-only records trains (every trainable parameter gets a gradient, as DDP needs)."""
+    import torch
+    from PIL import Image
     from anymal.config import override, tiny
-    from anymal.data import build_dataset
-    from anymal.tokenizer import train_tokenizer
-    urls, _ = sources
+    from anymal.data import Collator, build_dataset, decode_image
+    from anymal.model import AnyMAL
+    from anymal.tokenizer import IMAGE_TOKEN, train_tokenizer
     root = tmp_path / "data"
-    assert run_all(root, urls) == 0
+    if instruct == "mix665k": src.user_files(root)  # the OCR-VQA images a user fetched with LLaVA's script
+    assert run_all(src, root, "--instruct", instruct) == 0
     cfg = override(tiny(), [f"data.root={root}"])
-    tok = train_tokenizer(["What is it? A square. caption Describe the image briefly."] * 20, vocab_size=400)
-    for stage, man, splits in ((1, "captions", ("train", "val")), (2, "llava", ("train", "val"))):
-        counts = json.loads((root / f"manifests/{man}.json").read_text())["counts"]
-        for split in splits:
-            ds = build_dataset(cfg, tok, stage, split)
-            assert len(ds) == counts[split] and not ds.skipped, (stage, split, ds.summary())
-            s = ds[0]
-            assert s["n_images"] == 1 and s["pixels"].shape == (1, 3, 64, 64), (stage, split)
-            assert s["input_ids"].shape == s["labels"].shape and (s["labels"] != -100).any()
+    words = [t["value"] for r in src.records[instruct] for t in r["conversations"]] + [cfg.data.stage1_prompt]
+    tok = train_tokenizer(words * 5 + [f"caption {i}" for i in range(30)], vocab_size=cfg.llm.vocab_size)
+    img_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    for stage, man, split in ((1, "captions", "train"), (1, "captions", "val"), (2, "llava", "train"), (2, "llava", "val")):
+        counts = read(root, f"manifests/{man}.json")["counts"]
+        ds = build_dataset(cfg, tok, stage, split)
+        assert len(ds) == counts[split] and not ds.skipped, (stage, split, ds.summary())
+        samples = [ds[i] for i in range(len(ds))]  # every record reads: its images decode, its text encodes
+        for s in samples:
+            n = s["n_images"]
+            assert (s["pixels"] is None) if n == 0 else (s["pixels"].shape == (n, 3, 64, 64)), (stage, split)
+            assert (s["input_ids"] == img_id).sum() == n * cfg.resampler.latents and (s["labels"] != -100).any()
+        if stage == 2:
+            recs = read(root, f"llava/llava_instruct_{split}.json")
+            assert Counter(s["n_images"] for s in samples) == Counter(int("image" in r) for r in recs)
+            assert f"({sum('image' not in r for r in recs)} text-only)" in ds.summary()
+    images = [p for p in (root / "images").rglob("*") if p.is_file()]
+    modes = {Image.open(p).mode for p in images}
+    assert {"L", "CMYK"} <= modes and ({"RGBA"} <= modes) == (instruct == "mix665k")
+    assert {decode_image(p).mode for p in images} == {"RGB"}
+    ds = build_dataset(cfg, tok, 2, "train") if instruct == "mix665k" else None
+    if ds is None: return
+    ds_all = [ds, build_dataset(cfg, tok, 2, "val")]
+    at_end = [(d, i) for d in ds_all for i, r in enumerate(d.records) if r[2][0]["content"].endswith("<image>")]
+    assert at_end
+    for d, i in at_end:  # the image tokens follow the question's words, as the record has them
+        ids = d[i]["input_ids"].tolist()
+        before = tok.decode(ids[:ids.index(img_id)])
+        assert d.records[i][2][0]["content"].split("\n")[0].split()[-1] in before, before
+    torch.manual_seed(0)
+    model = AnyMAL.build(cfg, tok, stage=2)
+    every = [d[i] for d in ds_all for i in range(len(d))]
+    text = [s for s in every if s["n_images"] == 0]
+    with_images = [s for s in every if s["n_images"]]
+    for batch in (text[:1] + with_images[:2], text):  # a mixed batch, then one of text only
+        b = Collator(tok.pad_token_id)(batch)
+        model.zero_grad()
+        out = model(b["input_ids"], b["attention_mask"], b["labels"], pixels=b["pixels"], n_images=b["n_images"],
+                    sample_ids=b["sample_ids"])
+        out.loss.backward()
+        assert torch.isfinite(out.loss)
+        assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    assert b["pixels"] is None and int(b["n_images"].sum()) == 0

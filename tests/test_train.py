@@ -12,7 +12,9 @@ from anymal.checkpoint import (CheckpointMismatch, latest_checkpoint, load_for_i
                                load_trainable, read_meta, trainable_state_dict)
 from anymal.config import tiny, override  # noqa: E402
 from toy import ToySeqs, ToyVLM  # noqa: E402
-from anymal.trainer import Interrupted, NonFiniteError, StopSignals, fit, lr_factor  # noqa: E402
+from anymal.trainer import (PRECISIONS, Interrupted, NonFiniteError, StopSignals, fit, lr_factor,  # noqa: E402
+                            precision_for, training_precision)
+from anymal.config import ConfigError, full  # noqa: E402
 from anymal.runlog import read_metrics  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,6 +61,104 @@ def test_resume_is_exact(tmp_path, group):
     oa, ob = load_train_state(tmp_path / "a")["optimizer"]["state"], load_train_state(b)["optimizer"]["state"]
     assert all(torch.equal(oa[i]["exp_avg_sq"], ob[i]["exp_avg_sq"]) for i in oa)
     assert read_metrics(b)[-1]["tokens"] == read_metrics(tmp_path / "a")[-1]["tokens"] == 30 * 8 * 12
+
+
+# ---- precision: bf16, or fp16 with a gradient scaler on GPUs without bf16 ------------------------------------------
+
+@pytest.mark.parametrize("device,bf16,mode,dtype,want", [
+    ("cuda", True, "fast", "bfloat16", "bf16"),       # A100, L4, H100: bf16, every mode
+    ("cuda", True, "small", "bfloat16", "bf16"),
+    ("cuda", False, "small", "float16", "fp16"),      # T4, V100: fp16 and a gradient scaler
+    ("cuda", False, "standard", "float32", "fp16"),
+    ("cpu", True, "standard", "float32", "fp32"),     # a CPU: fp32 unless train.cpu_bf16 (below)
+    ("cpu", False, "fast", "bfloat16", "fp32"),
+])
+def test_precision_for_each_card(device, bf16, mode, dtype, want):
+    p = precision_for(device, bf16, mode, dtype)
+    assert p.name == want and p.scaler == (want == "fp16") and p == PRECISIONS[want]
+
+
+@pytest.mark.parametrize("mode,dtype,match", [
+    ("fast", "float16", "train.mode='fast' needs bf16, which the Tesla T4 does not have"),
+    ("fast", "bfloat16", "train.mode='fast' needs bf16, which the Tesla T4 does not have"),
+    ("small", "bfloat16", r"llm.dtype='bfloat16', but the Tesla T4 has no bf16: --set llm.dtype=float16"),
+])
+def test_precision_refusals_name_the_card(mode, dtype, match):
+    with pytest.raises(ConfigError, match=match):
+        precision_for("cuda", False, mode, dtype, card="Tesla T4")
+
+
+def test_training_precision_on_this_cpu(monkeypatch):
+    import anymal.trainer as tr
+    cfg = toy_cfg("x", "train.cpu_bf16=true")
+    for native in (True, False):
+        monkeypatch.setattr(tr, "cpu_has_bf16", lambda: native)
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            assert training_precision(cfg, "cpu").name == ("bf16" if native else "fp32")
+        assert any("no native bf16" in str(x.message) for x in w) == (not native)
+    assert training_precision(full(), "cpu").name == "fp32"  # full's bf16 LLM dtype is a GPU matter
+
+
+def _fp16_scale_hook(state, overflow_at):
+    "A gradient hook that makes the gradients of the steps in `overflow_at` infinite (an fp16 overflow)."
+    return lambda g: g * float("inf") if state["next"] in overflow_at else g
+
+
+def _tracking(state, crash=None):
+    def on_step(s, m):
+        state["next"] = s + 1
+        if s == crash: raise Crash(f"crash after step {s}")
+    return on_step
+
+
+FP16 = ["resampler.dropout=0.2", "train.steps=14", "train.save_every=5", "train.eval_every=7"]
+
+
+def _fp16_records(out):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in read_metrics(out)]
+
+
+def test_fp16_gradient_scaler_trains_skips_overflows_and_resumes_exactly(tmp_path):
+    "fp16 autocast + GradScaler on the CPU: an overflow skips its step and halves the scale; resume restores the scale."
+    sa = {"next": 1}
+    _, ma = train_toy(tmp_path / "a", *FP16, precision=PRECISIONS["fp16"], on_step=_tracking(sa),
+                      hook=_fp16_scale_hook(sa, {3, 4}))
+    ra = _fp16_records(tmp_path / "a")
+    train = [r for r in ra if r["split"] == "train"]
+    assert [r["loss_scale"] for r in train] == [65536.0] * 3 + [32768.0] + [16384.0] * 10
+    assert [r["skipped_steps"] for r in train] == [0, 0, 1, 1] + [0] * 10
+    assert train[2]["lr"] == train[3]["lr"] == train[4]["lr"]  # no scheduler step for a skipped step
+    assert train[-1]["loss"] < train[0]["loss"] - 0.3           # it learns in fp16
+    train_toy(tmp_path / "fp32", *FP16, "train.steps=2")       # the same first two steps in fp32
+    ref32 = [r for r in read_metrics(tmp_path / "fp32") if r["split"] == "train"]
+    for r16, r32 in zip(train[:2], ref32):  # gradients unscaled before clipping and the norm: fp32's, to fp16 rounding
+        assert r16["grad_norm"] == pytest.approx(r32["grad_norm"], rel=2e-2) and r16["loss"] == pytest.approx(r32["loss"], abs=2e-2)
+    st = load_train_state(tmp_path / "a")
+    assert st["precision"] == "fp16" and st["scaler"]["scale"] == 16384.0 and st["scaler"]["_growth_tracker"] == 10
+    # crash after step 8, resume from the step-5 checkpoint: the same records and weights, scale included
+    b, sb = tmp_path / "b", {"next": 1}
+    with pytest.raises(Crash):
+        train_toy(b, *FP16, precision=PRECISIONS["fp16"], on_step=_tracking(sb, crash=8), hook=_fp16_scale_hook(sb, {3, 4}))
+    assert load_train_state(b)["scaler"]["scale"] == 16384.0
+    sb = {"next": 1}  # the resumed process never reaches steps 3-4 again
+    _, mb = train_toy(b, *FP16, resume=True, precision=PRECISIONS["fp16"], on_step=_tracking(sb),
+                      hook=_fp16_scale_hook(sb, {3, 4}))
+    assert _fp16_records(b) == ra
+    wa, wb = trainable_state_dict(ma), trainable_state_dict(mb)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_fp16_overflow_with_the_scale_down_to_one_stops(tmp_path):
+    "Gradients that overflow at every scale are a real divergence: skipped steps until the scale is 1, then a stop."
+    cfg = toy_cfg(tmp_path, "train.steps=30")
+    torch.manual_seed(0)
+    model = ToyVLM.from_config(cfg)
+    before = trainable_state_dict(model)
+    model.bridge.latents.register_hook(lambda g: g * float("inf"))
+    with pytest.raises(NonFiniteError, match=r"at step 17 with finite losses and the fp16 loss scale down to 1.0"):
+        fit(cfg, model, ToySeqs(64), progress=False, precision=PRECISIONS["fp16"])  # 65536 = 2**16: 16 halvings
+    assert all(torch.equal(v, trainable_state_dict(model)[k]) for k, v in before.items())  # every step was skipped
 
 
 def test_torchrun_two_processes_match_one(tmp_path):
