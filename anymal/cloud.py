@@ -14,10 +14,10 @@ from .config import Config, PRESETS, from_json, override, preset, to_json
 
 # %% auto #0
 __all__ = ['APP_NAME', 'VOLUMES', 'MOUNT_ROOT', 'DEFAULT_GPU', 'GPU_TYPES', 'NO_BF16', 'PRICES_DATE', 'GPU_PRICE_PER_S',
-           'FULL_RUNS', 'volume_root', 'run_name_of', 'job_config', 'load_config', 'gpu_spec', 'check_gpu',
-           'watch_checkpoints', 'train_job', 'throttle', 'prepare_job', 'evaluate_job', 'has_modal_token',
-           'require_modal_token', 'wandb_url', 'RunHandle', 'submit', 'copy_run', 'download', 'estimate_cost',
-           'cost_table']
+           'FULL_RUNS', 'FIXED_LENGTH_ROWS', 'RUN_RECORDS', 'volume_root', 'run_name_of', 'job_config', 'load_config',
+           'gpu_spec', 'check_gpu', 'watch_checkpoints', 'train_job', 'throttle', 'prepare_job', 'evaluate_job',
+           'has_modal_token', 'require_modal_token', 'wandb_url', 'RunHandle', 'submit', 'copy_run', 'download',
+           'estimate_cost', 'cost_table', 'gpu_type', 'throughput_from_bench', 'cost_from_bench']
 
 # %% ../nbs/24_cloud.ipynb #3a19528f
 APP_NAME = "anymal"
@@ -333,3 +333,52 @@ def cost_table(
     rows.append(f"\nEstimates, not bills: Modal list prices of {PRICES_DATE}, {scaling:.0%} multi-GPU scaling, "
                 f"one-GPU throughput as measured ({measured}).")
     return "\n".join(rows)
+
+# %% ../nbs/24_cloud.ipynb #c8f1d22e
+FIXED_LENGTH_ROWS = {  # train.mode=fast with Liger, samples of 1,024 tokens, batch 8, one H100 80GB (docs/performance.md)
+    "stage 1 (LCS-558K, 1 epoch)": {"H100": 15975},
+    "stage 2 (LLaVA-Instruct-150K, 1 epoch)": {"H100": 13683},
+}
+RUN_RECORDS = {1: ("stage 1 (LCS-558K, 1 epoch)", 558_128), 2: ("stage 2 (LLaVA-Instruct-150K, 1 epoch)", 157_712)}
+
+def gpu_type(device: str) -> str | None:
+    "The `GPU_PRICE_PER_S` key of a CUDA device name (\"NVIDIA H100 80GB HBM3\" -> \"H100\"); None for a CPU or an unknown card."
+    d = device.upper()
+    if "A100" in d: return "A100-80GB" if "80" in d else "A100-40GB"
+    return next((g for g in ("H200", "H100", "B200", "L40S", "A10G", "L4", "T4") if g in d), None)
+
+def throughput_from_bench(lines: list[dict]) -> tuple | None:
+    "`(tokens_per_s, runs, note)` for `cost_table` from `anymal bench --lengths real` JSON lines on a GPU; None if they are not that."
+    env = next((x for x in lines if x.get("kind") == "env"), None)
+    gpu = gpu_type(env["device"]) if env else None
+    if env is None or env.get("lengths") != "real" or gpu is None: return None
+    tps, runs, why = {}, {}, []
+    for stage, (name, records) in RUN_RECORDS.items():
+        packed = [x for x in lines if x.get("kind") == "row" and x.get("stage") == stage and x.get("pack")
+                  and x.get("status") == "ok" and x.get("lengths") == "real"]
+        src = env.get(f"lengths_stage{stage}")
+        if not packed or not src: continue
+        best = max(packed, key=lambda x: x["tokens_per_s"])
+        tps[name], runs[name] = {gpu: best["tokens_per_s"]}, records * src["mean_tokens"]
+        why.append(f"{name}: `{best['recipe']}` at batch {best['batch']}, {src['mean_tokens']:.0f} tokens a sample "
+                   f"({src['kind']} lengths)")
+    if not tps: return None
+    note = (f"From the real-length rows of `anymal bench` on {env['device']} at commit {env.get('commit', '?')} "
+            f"({env.get('time', '')}): " + "; ".join(why) + ".")
+    return tps, runs, note
+
+def cost_from_bench(path=None, # JSON lines of `anymal bench --lengths real` (e.g. tools/gpu_bench.sh's bench.jsonl)
+                    setups=(("H100", 1), ("H100", 8)), scaling: float = 0.9) -> str:
+    "The cost table from real-length benchmark rows where they exist; else from the fixed-length rows, saying so."
+    lines = []
+    if path is not None and Path(path).exists():
+        lines = [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
+    got = throughput_from_bench(lines)
+    if got is not None:
+        tps, runs, note = got
+        return cost_table(tps, setups, runs, scaling) + "\n" + note
+    return (cost_table(FIXED_LENGTH_ROWS, setups, FULL_RUNS, scaling) + "\n**Still the fixed-length rows**: throughput "
+            "measured on samples of 1,024 tokens (docs/performance.md) and ~100 / ~500 tokens a sample assumed; real "
+            "lengths differ (a stage-1 sample is ~100 tokens, where a step does far less work per sample). "
+            "No `anymal bench --lengths real` rows from a GPU yet" + (f" in {path}" if path else "") + ": the GPU "
+            "command in docs/performance.md has not run.")

@@ -151,7 +151,7 @@ class DataConfig:
     world_image_size: int = 64     # rendered resolution
     world_seed: int = 0            # the world is a pure function of its config and this seed
 
-# %% ../nbs/00_config.ipynb #43333917
+# %% ../nbs/00_config.ipynb #7fcb9712
 @dataclass
 class TrainConfig:
     "One training run (either stage)."
@@ -184,6 +184,8 @@ class TrainConfig:
     cache_features: bool = (
         False  # encode each image once with the frozen CLIP and train on the cached features (tiny: seconds; full: TBs)
     )
+    pack_tokens: int = 0  # 0: pad each micro-batch to its longest sample; N (>= data.max_len): lay its samples end to
+                          # end in rows of at most N tokens, no padding between them (anymal.data.pack)
 
 # %% ../nbs/00_config.ipynb #97d02df1
 @dataclass
@@ -300,7 +302,7 @@ def preset(name: str) -> Config:
     if name not in PRESETS: raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     return PRESETS[name]()
 
-# %% ../nbs/00_config.ipynb #9a036c23
+# %% ../nbs/00_config.ipynb #ab20e65b
 class Rule(typing.NamedTuple):
     "What a config value must be: `ok(value)` says whether it is, `text` says it to the user."
     text: str
@@ -368,6 +370,7 @@ RULES = {  # config key -> what its value must be (one line per key; a key witho
     "train.keep_last": at_least(0, "0: keep every checkpoint"),
     "train.log_every": at_least(0, "0: only after the last step"),
     "train.mode": one_of("standard", "small", "fast"),
+    "train.pack_tokens": at_least(0, "0: pad each micro-batch, no packing"),
     "standins.clip_steps": at_least(0, "0: a random tower"),
     "standins.clip_batch": at_least(2, "a contrastive step needs negatives"),
     "standins.clip_lr": COUNT,

@@ -21,7 +21,8 @@ from .vision import clip_preprocess
 # %% auto #0
 __all__ = ['ROLES', 'IMAGE_EXTS', 'to_rgb', 'decode_image', 'load_image', 'TooManySkipped', 'WorkerBadRecord', 'SampleDataset',
            'SkipTally', 'llava_messages', 'InstructDataset', 'CaptionDataset', 'vqa_prompts', 'caption_prompts',
-           'PromptDataset', 'length_batches', 'first_fit', 'collate', 'Collator', 'build_dataset', 'build_loader']
+           'PromptDataset', 'length_batches', 'first_fit', 'collate', 'Collator', 'pack', 'PackCollator',
+           'train_collator', 'build_dataset', 'build_loader']
 
 # %% ../nbs/08_data.ipynb #62e12202
 _ALPHA = ("RGBA", "LA", "PA", "RGBa")
@@ -442,6 +443,57 @@ class Collator:
     pad_id: int
     padding_side: str = "right"
     def __call__(self, samples: list[dict]) -> dict: return collate(samples, self.pad_id, self.padding_side)
+
+# %% ../nbs/08_data.ipynb #b07ba963
+def pack(samples: list[dict], pad_id: int,
+         capacity: int, # the most tokens a row may hold (`train.pack_tokens`)
+        ) -> dict:
+    "Samples end to end in rows of at most `capacity` tokens (first fit, longest first), with each sample's `position_ids` from 0."
+    lengths = [len(s["input_ids"]) for s in samples]
+    for s, n in zip(samples, lengths):
+        if n > capacity:
+            raise DataError(f"sample {s['sample_id']!r} has {n} tokens, more than a packed row's {capacity} "
+                            f"(train.pack_tokens must be at least data.max_len)")
+    rows = [[samples[i] for i in r] for r in first_fit(lengths, capacity)]
+    R, T = len(rows), max(sum(len(s["input_ids"]) for s in r) for r in rows)
+    ids, labels = torch.full((R, T), pad_id, dtype=torch.long), torch.full((R, T), -100, dtype=torch.long)
+    pos, mask = torch.zeros(R, T, dtype=torch.long), torch.zeros(R, T, dtype=torch.long)
+    for b, row in enumerate(rows):
+        t = 0
+        for s in row:
+            n = len(s["input_ids"])
+            ids[b, t:t + n], labels[b, t:t + n], pos[b, t:t + n], mask[b, t:t + n] = (
+                torch.as_tensor(s["input_ids"]), torch.as_tensor(s["labels"]), torch.arange(n), 1)
+            labels[b, t] = -100  # predicted from the sample before it: never a target
+            t += n
+        pos[b, t:] = torch.arange(T - t)  # the padding: a segment of its own
+    order = [s for row in rows for s in row]
+    pix = [s["pixels"] for s in order if s.get("pixels") is not None]
+    return dict(input_ids=ids, attention_mask=mask, labels=labels, position_ids=pos,  # (R, T) each
+                n_images=torch.tensor([sum(int(s["n_images"]) for s in row) for row in rows], dtype=torch.long),  # (R,)
+                pixels=torch.cat(pix) if pix else None,  # (N, 3, H, W) in row order
+                image_keys=[k for s in order for k in s["image_keys"]], sample_ids=[s["sample_id"] for s in order],
+                skipped=[x for s in samples for x in s.get("skipped", ())],
+                truncated=[x for s in samples for x in s.get("truncated", ())])
+
+@dataclass
+class PackCollator:
+    "`pack` as a picklable `collate_fn`: each micro-batch's samples in rows of at most `capacity` tokens."
+    pad_id: int
+    capacity: int
+    def __call__(self, samples: list[dict]) -> dict: return pack(samples, self.pad_id, self.capacity)
+
+# %% ../nbs/08_data.ipynb #8a46e3ad
+from .config import ConfigError
+
+def train_collator(cfg: Config, pad_id: int) -> Collator | PackCollator:
+    "The training batches `cfg` asks for: padded (`train.pack_tokens=0`), or packed in rows of `train.pack_tokens`."
+    n = cfg.train.pack_tokens
+    if not n: return Collator(pad_id)
+    if n < cfg.data.max_len:
+        raise ConfigError(f"train.pack_tokens={n} is less than data.max_len={cfg.data.max_len}: a sample of max_len "
+                          f"tokens would fit no row; set it to at least {cfg.data.max_len}")
+    return PackCollator(pad_id, n)
 
 # %% ../nbs/08_data.ipynb #e6146f18
 def build_dataset(cfg: Config, tokenizer, stage: int, split: str = "train", transform=None, pixels: bool = True,

@@ -14,11 +14,16 @@ from .config import Config, LLMConfig, LoRAConfig, ConfigError
 from .hub import require_files, resolve_llm_path
 
 # %% auto #0
-__all__ = ['CPU_REPACK', 'llm_dtype', 'llama_config', 'bnb_config', 'random_llm', 'keep_nf4_differentiable', 'load_llm',
-           'add_lora', 'build_llm', 'llm_parts']
+__all__ = ['CPU_REPACK', 'VARLEN', 'llm_dtype', 'llama_config', 'bnb_config', 'random_llm', 'keep_nf4_differentiable', 'load_llm',
+           'add_lora', 'build_llm', 'llm_parts', 'varlen_missing', 'reference_varlen', 'torch_varlen', 'varlen_kernel',
+           'varlen_attention']
 
-# %% ../nbs/05_llm.ipynb #a0509232
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig
+# %% ../nbs/05_llm.ipynb #e05a3a96
+import inspect
+import torch.nn.functional as F
+from transformers import AttentionInterface, AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from peft import LoraConfig, PeftModel, get_peft_model
 
 # %% ../nbs/05_llm.ipynb #02788004
@@ -110,3 +115,77 @@ def llm_parts(llm: nn.Module) -> tuple:
     "`(decoder, lm_head, input_embeddings)` of a `LlamaForCausalLM`, with or without a peft wrapper."
     base = llm.get_base_model() if isinstance(llm, PeftModel) else llm
     return base.model, base.lm_head, base.get_input_embeddings()
+
+# %% ../nbs/05_llm.ipynb #480a05e4
+VARLEN = "varlen"  # the `llm.attn` value: SDPA, with packed rows through a variable-length kernel
+
+def _causal_kwargs(fn) -> dict | None:
+    "How this PyTorch's `varlen_attn` asks for causal attention (None: a signature this code does not know)."
+    ps = inspect.signature(fn).parameters
+    if "window_size" in ps: return dict(window_size=(-1, 0))  # PyTorch 2.12+
+    if "is_causal" in ps: return dict(is_causal=True)  # PyTorch 2.10, 2.11
+    return None
+
+def varlen_missing(device) -> str | None:
+    "Why PyTorch's variable-length flash kernel cannot run on `device`; `None` when it can."
+    if torch.device(device).type != "cuda": return "torch.nn.attention.varlen.varlen_attn is a CUDA kernel"
+    try: from torch.nn.attention.varlen import varlen_attn
+    except ImportError: return f"torch {torch.__version__} has no torch.nn.attention.varlen (PyTorch 2.10 or later)"
+    if _causal_kwargs(varlen_attn) is None:
+        return f"torch {torch.__version__}'s varlen_attn takes neither is_causal nor window_size: re-check anymal.llm"
+    return None
+
+def _heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple:
+    "Keys and values repeated to the query's head count (grouped-query attention), as transformers' `repeat_kv` does."
+    n = q.shape[1] // k.shape[1]
+    return (k, v) if n == 1 else (k.repeat_interleave(n, 1), v.repeat_interleave(n, 1))
+
+def reference_varlen(q: torch.Tensor, # (N, H, D): the packed rows' queries, flattened
+                     k: torch.Tensor, v: torch.Tensor, # (N, Hkv, D)
+                     cu: torch.Tensor, # (S + 1,) where each sequence starts, and N
+                     max_len: int, scale: float) -> torch.Tensor: # (N, H, D)
+    "Causal attention within each sequence `cu[i]:cu[i+1]` alone, one sequence at a time through SDPA (exact, slow)."
+    k, v = _heads(q, k, v)
+    seqs = [(a, b) for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()) if b > a]
+    t = lambda x, a, b: x[a:b].transpose(0, 1)  # (H, n, D)
+    return torch.cat([F.scaled_dot_product_attention(t(q, a, b), t(k, a, b), t(v, a, b), is_causal=True,
+                                                     scale=scale).transpose(0, 1) for a, b in seqs])
+
+def torch_varlen(q, k, v, cu, max_len: int, scale: float) -> torch.Tensor:
+    "`reference_varlen`'s result from PyTorch's `varlen_attn` (CUDA; computed in bf16 when given fp32)."
+    from torch.nn.attention.varlen import varlen_attn
+    ps = inspect.signature(varlen_attn).parameters
+    kw = _causal_kwargs(varlen_attn)
+    if "enable_gqa" in ps: kw["enable_gqa"] = k.shape[1] != q.shape[1]
+    else: k, v = _heads(q, k, v)
+    if "scale" in ps: kw["scale"] = scale
+    elif abs(scale - q.shape[-1] ** -0.5) > 1e-6:
+        raise ValueError(f"this varlen_attn has no scale argument and its default is not the model's {scale}")
+    dt = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16  # flash kernels: 16-bit only
+    cu = cu.to(device=q.device, dtype=torch.int32)
+    out = varlen_attn(q.to(dt), k.to(dt), v.to(dt), cu, cu, max_len, max_len, **kw)
+    return out.to(q.dtype)
+
+def varlen_kernel(device):
+    "The variable-length kernel for `device`: PyTorch's on CUDA (an error saying why when it cannot run), the reference on a CPU."
+    dev = torch.device(device)
+    if dev.type == "cpu": return reference_varlen
+    why = varlen_missing(dev)
+    if why: raise RuntimeError(f"llm.attn={VARLEN!r} on {dev}: {why}; use llm.attn=sdpa (packed rows then take a mask)")
+    return torch_varlen
+
+def varlen_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
+                     dropout: float = 0.0, scaling: float | None = None, **kwargs) -> tuple:
+    "transformers' attention function for `attn='varlen'`: packed rows (`cu_seq_lens_q` given) through `varlen_kernel`, all else through SDPA."
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    B, H, T, D = query.shape  # queries (B, H, T, D); keys and values (B, Hkv, T, D)
+    flat = lambda x: x.transpose(1, 2).reshape(B * T, x.shape[1], D)
+    kernel = varlen_kernel(query.device)
+    out = kernel(flat(query), flat(key), flat(value), cu, int(kwargs["max_length_q"]), scaling or D ** -0.5)
+    return out.view(B, T, H, D), None  # as transformers' attention functions return: (B, T, H, D), no weights
+
+AttentionInterface.register(VARLEN, varlen_attention)  # transformers' public registry: from_pretrained(attn_implementation=...)
+AttentionMaskInterface.register(VARLEN, sdpa_mask)  # padded batches get SDPA's masks

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 from .config import Config, UserError, add_config_args, preset, from_json, override, stage_config, to_dict
-from .data import CaptionDataset, InstructDataset, PromptDataset, Collator, build_dataset, load_image
+from .data import CaptionDataset, InstructDataset, PromptDataset, build_dataset, load_image, train_collator
 from .model import AnyMAL
 import anymal
 from .cache import cached, cache_root
@@ -118,8 +118,8 @@ def feature_table(encoder, ds, transform, progress: bool = False, root=None) -> 
     data = torch.load(d / "features.pt", weights_only=True)
     return FeatureTable(data["keys"], data["feats"], data.get("bad"))
 
-# %% ../nbs/16_stages.ipynb #055322a4
-FORWARD_KEYS = {"input_ids", "attention_mask", "labels", "n_images", "sample_ids"}
+# %% ../nbs/16_stages.ipynb #33f6f510
+FORWARD_KEYS = {"input_ids", "attention_mask", "labels", "n_images", "sample_ids", "position_ids"}
 
 def prepare_with_features(batch: dict, device, table: FeatureTable) -> dict:
     "The forward arguments of `batch` with its images' cached features as `image_feats`."
@@ -166,7 +166,7 @@ def run_stage(cfg: Config, # a stage config (see `stage_config`)
               progress: bool = True, on_step=None) -> Path:
     "Run the stage `cfg.train.stage` describes; returns its final checkpoint directory."
     cfg, model, tok, train_ds, val_ds, prepare = build_stage(cfg, progress)
-    return fit(cfg, model, train_ds, val_ds, Collator(tok.pad_token_id), resume=resume, prepare=prepare,
+    return fit(cfg, model, train_ds, val_ds, train_collator(cfg, tok.pad_token_id), resume=resume, prepare=prepare,
                progress=progress, on_step=on_step)
 
 # %% ../nbs/16_stages.ipynb #be7d3fca

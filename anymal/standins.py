@@ -20,7 +20,7 @@ from .tokenizer import EOT, load_tokenizer, encode_chats
 from .trainer import autocast_for, lr_factor, seed_all
 from .vision import build_clip, clip_preprocess
 from .llm import random_llm
-from .model import chunked_ce
+from .model import block_causal_mask, chunked_ce
 from anymal.world import (
     DESCRIBE_PROMPT,
     sample_scene,
@@ -145,7 +145,7 @@ def scene_chats(scene: dict, cfg: Config, rng: random.Random, turns: int = 4) ->
     chats = [_chat(d, [(cfg.data.stage1_prompt, rng.choice(scene["captions"][1:]))]), _chat(d, [(DESCRIBE_PROMPT, d)])]
     return chats + [_chat(d, qa[i:i + turns]) for i in range(0, len(qa), turns)]
 
-# %% ../nbs/15_standins.ipynb #9a999c27
+# %% ../nbs/15_standins.ipynb #683544a8
 def text_scenes(root, # a world folder (its world.json says the held-out pairs and the image size)
                 cfg: Config) -> list[dict]:
     "`standins.lm_scenes` scenes drawn as the world draws its train split, as text only: description, captions, `standins.lm_per_type` questions of each type."
@@ -197,14 +197,9 @@ def doc_rows(docs: list[tuple[list[int], list[int]]], idx: list[int], pad_id: in
     labels = torch.tensor([row([docs[i][1][:block] for _, i in r], -100) for r in rows])
     pos = torch.tensor([row([range(len(d)) for d in p], 0) for p in x])
     seg = torch.tensor([row([[k] * len(d) for (k, _), d in zip(r, p)], -1) for r, p in zip(rows, x)])
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
-    keep = (causal & (seg[:, :, None] == seg[:, None, :]))[
-        :, None
-    ]  # (R, 1, T, T): block-diagonal causal (padding sees padding)
-    mask = torch.zeros(keep.shape).masked_fill_(
-        ~keep, torch.finfo(torch.float32).min
-    )  # additive, as both eager attention
-    # and SDPA read it (eager attention adds a boolean mask as 0/1, which hides nothing)
+    # (R, 1, T, T) block-diagonal causal (padding sees padding), additive, as both eager attention and SDPA read it
+    # (eager attention adds a boolean mask as 0/1, which hides nothing): the mask AnyMAL's packed rows get in eager
+    mask = block_causal_mask(seg, additive=True, dtype=torch.float32)
     return dict(input_ids=ids, labels=labels, attention_mask=mask, position_ids=pos)
 
 def lm_batches(docs: list[tuple[list[int], list[int]]], p, pad_id: int, seed: int = 0):

@@ -21,8 +21,9 @@ from anymal.trainer import Trainer, fit  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ROW_FIELDS = {"stage", "recipe", "batch", "status", "step_s", "step_s_all", "tokens_per_step", "tokens_per_s",
-              "peak_alloc_gib", "peak_reserved_gib", "static_gib", "mfu", "model_tflops", "loss0", "loss_last",
-              "ckpt_layers", "optimizer", "applied"}
+              "tokens_per_s_runs", "spread", "repeats", "peak_alloc_gib", "peak_reserved_gib", "static_gib",
+              "mfu_measured", "mfu_spec", "model_tflops", "loss0", "loss_last", "loss_k", "check_steps",
+              "ckpt_layers", "optimizer", "applied", "commit", "versions", "device", "lengths", "pack", "attn"}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -48,16 +49,54 @@ def test_command_line_json_and_table(tmp_path):
     for x in rows:
         assert x["status"] == "ok" and ROW_FIELDS <= set(x), set(ROW_FIELDS) - set(x)
         assert x["peak_alloc_gib"] is None and x["peak_reserved_gib"] is None  # no memory numbers on a CPU
-        assert x["tokens_per_s"] > 0 and len(x["step_s_all"]) == 3 and x["mfu"] > 0
+        assert x["tokens_per_s"] > 0 and len(x["step_s_all"]) == 1 + 3 * 2 and x["mfu_measured"] > 0
+        assert x["mfu_spec"] is None and len(x["tokens_per_s_runs"]) == 3 and x["spread"] >= 0  # no spec for a CPU
+        assert x["commit"] == env["commit"] and x["versions"]["torch"] == torch.__version__ and x["device"] == env["device"]
         assert x["tokens_per_step"] == 4 * tiny().data.max_len
     for x in rows:
         if x["recipe"] != "standard":
             assert x["vs"] == "standard (batch 4)" and x["loss_match"] is True, x
             assert abs(x["loss0"] - next(s["loss0"] for s in rows if s["stage"] == x["stage"] and s["recipe"] == "standard")) < 0.01
-    assert summary["kind"] == "summary" and len(summary["goals"]) == 6
+    assert summary["kind"] == "summary" and len(summary["goals"]) == 6 and summary["commit"] == env["commit"]
+    assert len(env["commit"]) >= 40 and env["commit_source"] == "git"  # the worktree's HEAD (+dirty when edited)
     assert all(g["met"] is None for g in summary["goals"] if "GiB" in g["goal"])  # memory goals: not on a CPU
     text = tab.read_text()
     assert "| stage | recipe |" in text and "stage 2 fast: tokens/s >= 2x standard's best" in text
+
+
+def test_real_lengths_command_line(tmp_path):
+    "`anymal bench --preset tiny --lengths real`: every recipe padded and packed on the real data's lengths, both stages."
+    out = tmp_path / "real.jsonl"
+    r = subprocess.run([sys.executable, "-m", "anymal.cli", "bench", "--preset", "tiny", "--lengths", "real", "--stage",
+                        "1,2", "--batches", "4", "--steps", "1", "--warmup", "1", "--check-steps", "2", "--fp32",
+                        "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=900,
+                       env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    env, rows, summary = recs[0], recs[1:-1], recs[-1]
+    assert env["lengths"] == "real" and env["repeats"] == 3 and env["seq"] == 1024
+    for s in (1, 2):  # no `anymal prepare` output here: the documented stand-in, and the record says so
+        src = env[f"lengths_stage{s}"]
+        assert src["kind"] == "stand-in" and "STANDIN" in src["detail"] and src["max"] <= 1024
+    assert env["lengths_stage2"]["mean_tokens"] > 2 * env["lengths_stage1"]["mean_tokens"]
+    names = [(x["stage"], x["recipe"]) for x in rows]
+    for s in (1, 2):
+        for m in ("standard", "small", "fast"):
+            assert (s, f"{m}, padded") in names and (s, f"{m}, packed") in names
+    assert (1, "standard, no fp32 upcast, padded") in names and (2, "standard, no fp32 upcast, padded") not in names
+    assert {x["attn"] for x in rows} == {"eager"}  # the tiny preset's attention: no varlen row on a CPU unless asked
+    for x in rows:
+        assert x["status"] == "ok" and x["lengths"] == "real" and x["commit"] == env["commit"], x
+        assert len(x["tokens_per_s_runs"]) == 3 and x["mfu_spec"] is None and x["mfu_measured"] > 0
+        if x["recipe"] != "standard, padded":
+            assert x["after_steps_match"] is True, (x["recipe"], x["dloss_k"], x["dgrad"])
+        if x["pack"]:
+            twin = next(y for y in rows if y["stage"] == x["stage"] and y["recipe"] == x["base"])
+            assert x["tokens_per_step"] == twin["tokens_per_step"] and x["loss_match"] is True
+            assert not twin["pack"] and x["vs"].startswith(twin["recipe"])
+    gains = summary["packing"]
+    assert {(g["stage"], g["recipe"]) for g in gains} == {(x["stage"], x["recipe"]) for x in rows if x["pack"]}
+    assert "packing, stage 2 fast, packed (real lengths, batch 4)" in r.stdout
 
 
 def test_cli_dispatch_and_bad_arguments(capsys):

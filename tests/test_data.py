@@ -376,6 +376,30 @@ def test_multi_image_records_and_collation(root, tok, cfg, tmp_path):
     assert (b["labels"][b["attention_mask"] == 0] == -100).all()
 
 
+def test_packed_loader_yields_every_sample_once_with_its_images(root, tok, cfg):
+    "train.pack_tokens: batches through DataLoader workers (the collator pickles), each sample once per epoch, in rows."
+    from anymal.data import PackCollator, train_collator
+    from anymal.config import ConfigError
+    pcfg = override(cfg, [f"train.pack_tokens={2 * cfg.data.max_len}", "train.batch_size=8"])
+    coll = train_collator(pcfg, tok.pad_token_id)
+    assert coll == PackCollator(tok.pad_token_id, 2 * cfg.data.max_len)
+    with pytest.raises(ConfigError, match="train.pack_tokens=10 is less than data.max_len"):
+        train_collator(override(cfg, ["train.pack_tokens=10"]), tok.pad_token_id)
+    ds = build_dataset(cfg, tok, 2, "val")
+    n = min(len(ds), 40)
+    sub = torch.utils.data.Subset(ds, range(n))
+    seen, img = [], tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    for b in DataLoader(sub, batch_size=8, num_workers=1, collate_fn=coll):
+        R, T = b["input_ids"].shape
+        assert T <= 2 * cfg.data.max_len and b["pixels"].shape[0] == b["n_images"].sum() == len(b["image_keys"])
+        assert ((b["input_ids"] == img).sum(1) == b["n_images"] * L).all()  # each row's images are its samples'
+        starts = (b["position_ids"] == 0) & (b["attention_mask"] == 1)
+        assert starts.sum() == len(b["sample_ids"]) and (b["labels"][starts] == -100).all()
+        assert (b["labels"][b["attention_mask"] == 0] == -100).all()
+        seen += b["sample_ids"]
+    assert sorted(seen) == sorted(ds[i]["sample_id"] for i in range(n))
+
+
 # ---------------------------------------------------------------- bad input
 @pytest.fixture()
 def good(root): return _load(root / "llava/llava_instruct_train.json")[1]

@@ -118,6 +118,80 @@ def test_with_tiny_tokenizer_end_to_end(tmp_path):
     assert len(gen[0]) <= 5 and not set(gen[0]) & set(m.eos_ids)
 
 
+# ---- packed rows (anymal.data.pack + AnyMAL.forward(position_ids)) equal padded batches ----
+
+def _samples(L: int, seed: int = 0):
+    "Samples of varied length with 0, 1 or 2 images and two supervised spans each, in the data pipeline's format."
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i, (n_img, n_text) in enumerate([(1, 30), (0, 12), (2, 7), (1, 45), (0, 3), (2, 20)]):
+        ids = [1] + [IMG] * (n_img * L) + torch.randint(10, 500, (n_text + 8,), generator=g).tolist()
+        labels = [-100] * len(ids)
+        for a, b in ((len(ids) - 8, len(ids) - 5), (len(ids) - 3, len(ids))): labels[a:b] = ids[a:b]  # two answers
+        out.append(dict(input_ids=torch.tensor(ids), labels=torch.tensor(labels), n_images=n_img, image_keys=[],
+                        sample_id=f"s{i}", pixels=torch.randn(n_img, 3, 64, 64, generator=g) if n_img else None))
+    return out
+
+KEYS = ("input_ids", "attention_mask", "labels", "pixels", "n_images", "position_ids", "sample_ids")
+
+def _loss_grads(m, batch):
+    m.zero_grad()
+    loss = m(**{k: batch[k] for k in KEYS if k in batch}).loss  # the trainer's loss: the mean over supervised tokens
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters() if p.requires_grad}
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa", "varlen"])
+def test_packed_equals_padded_loss_and_grads(attn):
+    "fp32, stage 2: the packed batch's loss and the gradients of the resampler and LoRA equal the padded batch's."
+    from anymal.data import collate, pack
+    from anymal.config import override
+    m = _build(override(tiny(), [f"llm.attn={attn}", "llm.dtype=float32", "lora.dropout=0.0"]), stage=2).train()
+    with torch.no_grad():  # LoRA's B starts at zero; give it values so that A's gradients are not zero too
+        for n, p in m.named_parameters():
+            if "lora_B" in n: p.normal_(0, 0.02)
+    samples = _samples(m.num_tokens)
+    padded, packed = collate(samples, PAD), pack(samples, PAD, capacity=100)
+    assert packed["input_ids"].shape[0] < len(samples) and packed["input_ids"].numel() < padded["input_ids"].numel()
+    assert packed["input_ids"].shape[1] <= 100 and (packed["position_ids"] == 0).sum() > packed["input_ids"].shape[0]
+    (l_pad, g_pad), (l_pack, g_pack) = _loss_grads(m, padded), _loss_grads(m, packed)
+    assert torch.allclose(l_pack, l_pad, rtol=1e-6, atol=1e-6), (l_pack, l_pad)
+    assert {n for n in g_pad if "lora_" in n} and {n for n in g_pad if n.startswith("bridge.")}
+    for n in g_pad:
+        err = (g_pack[n] - g_pad[n]).norm() / g_pad[n].norm().clamp_min(1e-12)
+        assert g_pad[n].norm() > 0 and err < 1e-4, (n, err.item())
+
+def test_packed_rows_without_positions_leak_across_samples():
+    "The same rows without `position_ids` are one sequence per row: samples see each other and the loss moves."
+    from anymal.data import collate, pack
+    m = _build(tiny(), stage=1)
+    samples = _samples(m.num_tokens)
+    packed = pack(samples, PAD, capacity=100)
+    with torch.no_grad():
+        good = m(**{k: packed[k] for k in KEYS}).loss
+        leak = m(**{k: packed[k] for k in KEYS if k != "position_ids"}).loss
+        pad = m(**{k: v for k, v in collate(samples, PAD).items() if k in KEYS}).loss
+    assert torch.allclose(good, pad, atol=1e-5) and not torch.allclose(leak, pad, atol=1e-3)
+
+def test_eager_adds_its_mask_so_packed_rows_get_an_additive_one():
+    "Why eager gets a float mask and SDPA a boolean one: eager adds the mask, so a boolean one (0/1) hides nothing."
+    from anymal.model import block_causal_mask, packed_attention, segment_ids
+    from anymal.config import override
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1, 2]])
+    x = torch.randn(1, 10, tiny().llm.hidden)
+    out = {}
+    for attn in ("eager", "sdpa"):
+        m = _build(override(tiny(), [f"llm.attn={attn}"]), stage=1).eval()
+        with torch.no_grad():
+            for name, mask in (("bool", block_causal_mask(segment_ids(pos), additive=False)),
+                               ("float", block_causal_mask(segment_ids(pos))),
+                               ("chosen", packed_attention(attn, pos)["attention_mask"])):
+                out[attn, name] = m.decoder(inputs_embeds=x, attention_mask=mask, position_ids=pos).last_hidden_state
+    assert torch.allclose(out["eager", "float"], out["sdpa", "float"], atol=1e-5)
+    assert torch.allclose(out["sdpa", "bool"], out["sdpa", "float"], atol=1e-5)
+    assert not torch.allclose(out["eager", "bool"], out["eager", "float"], atol=1e-3)  # added as 0/1: a leak
+    assert torch.allclose(out["eager", "chosen"], out["eager", "float"]) and torch.allclose(out["sdpa", "chosen"], out["sdpa", "bool"])
+
+
 def _ddp_text_only_worker(rank: int, out: str):
     "One of two gloo processes: stage-2 AnyMAL under DDP (as the trainer wraps it); rank 1's second batch has no image."
     import os

@@ -477,3 +477,50 @@ def test_a_signal_to_the_launcher_reaches_the_processes(tmp_path):
                                             f"checkpoint {ck}; continue with --resume"), err[-3000:]
     step = load_train_state(ck)["progress"]["step"]
     assert len(load_train_state(ck)["rng"]) == 2 and max(x["step"] for x in read_metrics(out)) == step < 100000
+
+
+# ---- packed batches (train.pack_tokens) through the real trainer ----
+
+def test_packing_trains_like_padding_and_sees_every_sample_once_per_epoch(tmp_path):
+    "train.pack_tokens: the trainer runs on packed rows, every sample comes once per epoch, and the losses are the padded run's."
+    from anymal.model import AnyMAL
+    from anymal.data import train_collator
+    ids = dict(image_token_id=5, pad_id=0, eos_id=2)
+
+    class Varied(torch.utils.data.Dataset):  # 12 samples of 30-95 tokens, images in every other one
+        def __len__(self): return 12
+        def __getitem__(self, i):
+            g = torch.Generator().manual_seed(i)
+            n_img = i % 2
+            x = torch.cat([torch.tensor([1]), torch.full((16 * n_img,), 5), torch.randint(10, 500, (13 + 5 * i,), generator=g)])
+            y = x.clone()
+            y[:len(x) - 6] = -100
+            return dict(input_ids=x, labels=y, n_images=n_img, image_keys=[], sample_id=i,
+                        pixels=torch.randn(n_img, 3, 64, 64, generator=g) if n_img else None)
+
+    losses, seen = {}, {}
+    for pack in (0, 160):
+        out = tmp_path / f"pack{pack}"
+        cfg = override(tiny(), [f"train.out_dir={out}", "train.steps=6", "train.batch_size=4", "train.grad_accum=1",
+                                f"train.pack_tokens={pack}", "train.eval_batches=0", "train.log_every=1",
+                                "train.cpu_bf16=false", "train.warmup=1"])
+        torch.manual_seed(0)
+        m = AnyMAL.build(cfg, stage=2, **ids)
+        coll, batches = train_collator(cfg, 0), []
+        def record(samples, coll=coll, batches=batches):
+            b = coll(samples)
+            batches.append(b)
+            return b
+        fit(cfg, m, Varied(), collate_fn=record, progress=False)
+        losses[pack] = [r["loss"] for r in read_metrics(out, "train")]
+        seen[pack] = [b["sample_ids"] for b in batches]
+        if pack:
+            assert all("position_ids" in b and len(b["input_ids"]) < 4 for b in batches)  # 4 samples in fewer rows
+            assert all(b["input_ids"].shape[1] <= 160 for b in batches)
+    per_epoch = 3  # 12 samples, batches of 4
+    for pack, ids_ in seen.items():
+        assert len(ids_) == 6
+        for e in range(2): assert sorted(i for b in ids_[e * per_epoch:(e + 1) * per_epoch] for i in b) == list(range(12))
+    assert [sorted(b) for b in seen[160]] == [sorted(b) for b in seen[0]]  # the same samples in each step
+    assert len(losses[160]) == 6 and all(math.isfinite(x) for x in losses[160])
+    assert all(abs(a - b) < 1e-5 * abs(b) for a, b in zip(losses[160], losses[0])), (losses[160], losses[0])
