@@ -107,7 +107,7 @@ class RunLogger:
         except Exception as e: warnings.warn(f"W&B finish failed ({type(e).__name__}: {e})")
         self.run = None
 
-# %% ../nbs/11_runlog.ipynb #f7316277
+# %% ../nbs/11_runlog.ipynb #e98c5074
 class SkipReport:
     "A run's skipped records: counted over workers and ranks, checked against `data.max_skipped`, reported."
     def __init__(self, cfg: Config, d: Dist,
@@ -145,7 +145,9 @@ class SkipReport:
         if not self.tallies: return
         self.sync()
         if any(t.total() or t.truncated() for t in self.tallies.values()) or (at == "end" and self.always):
-            self._print(f"skipped records, epoch {epoch:g}" if at == "epoch" else f"skipped records, step {step}")
+            cut = any(t.truncated() for t in self.tallies.values())
+            what = "skipped and truncated records" if cut else "skipped records"
+            self._print(f"{what}, epoch {epoch:g}" if at == "epoch" else f"{what}, step {step}")
         rec = dict(step=step, split="skipped", at=at, epoch=epoch)
         for k, t in self.tallies.items():
             rec.update({k: t.total(), f"{k}_records": t.records, f"{k}_kinds": dict(t.counts()),
