@@ -142,7 +142,7 @@ def test_full_scale_rehearsal(tmp_path):
         r = sh.run("The data", "HF_HUB_OFFLINE=0", "anymal", "prepare", "all", "--instruct", "mix665k", "--val", "2",
                    "--shard-size", "10", "$URLS",
                    note="The one command that downloads (`HF_HUB_OFFLINE=0`; a real run does not set it at all): "
-                        "~70 GB at full scale, with the default --val and --shard-size. OCR-VQA's images, which come "
+                        "~95 GB at full scale, with the default --val and --shard-size. OCR-VQA's images, which come "
                         "in no archive, were put in `data/images/ocr_vqa/` first, as LLaVA's script puts them.")
         seen = list(srv.requests)
     done = {d["dataset"]: d for d in map(json.loads, r.stdout.splitlines())}
