@@ -168,7 +168,7 @@ def require_modal_token():
         raise RuntimeError("no Modal token found: run `modal token new` (or `modal setup`) once, "
                            "or set MODAL_TOKEN_ID and MODAL_TOKEN_SECRET; then submit again")
 
-# %% ../nbs/24_cloud.ipynb #823faf0b
+# %% ../nbs/24_cloud.ipynb #ec2b1092
 def _app_module():
     "Import `modal_jobs/app.py` from this source checkout."
     import importlib.util
@@ -245,7 +245,7 @@ def submit(
     spec = gpu_spec(gpu, n_gpus)
     n = int(spec.split(":")[1]) if ":" in spec else 1
     _, name = job_config(cfg, run_name)
-    check_stage(cfg)  # a stage that cannot start fails here, not after an image build
+    check_stage(cfg, here=False)  # a stage that cannot start fails here, not after an image build (its GPU: below)
     check_gpu(cfg, spec)  # and so does one that cannot train on this GPU (fp16 only)
     require_modal_token()
     import modal

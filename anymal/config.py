@@ -123,7 +123,7 @@ class LoRAConfig:
     dropout: float = 0.05  # QLoRA used 0.1 up to 13B and 0.05 for 33-65B; a little regularisation, cheap to turn off
     targets: str = "all-linear"    # every linear layer of the LLM except lm_head, as QLoRA recommends
 
-# %% ../nbs/00_config.ipynb #2c1d39c5
+# %% ../nbs/00_config.ipynb #a96f6cf2
 @dataclass
 class DataConfig:
     "Where the data lives and how samples become token sequences."
@@ -133,7 +133,8 @@ class DataConfig:
     )
     instruct_json: str = "llava/llava_instruct_{split}.json"  # stage 2: LLaVA-Instruct-style JSON, relative to root
     image_folder: str = "images"   # images referenced by the instruct JSON, relative to root
-    max_len: int = 1024            # tokens per sample after splicing image placeholders
+    max_len: int = 1024            # tokens per sample after splicing image placeholders; a longer conversation is
+                                   # truncated as LLaVA does (counted; left out and counted if no answer token fits)
     skip_bad: bool = False         # False: a bad record is an error naming it; True: skip and count it
     max_skipped: float = 0.05      # skip_bad: stop past this fraction of a dataset bad (a broken path, not noise)
     num_workers: int = 4           # DataLoader workers

@@ -60,7 +60,7 @@ def load_image(src, name: str) -> Image.Image:
         if isinstance(e, UnidentifiedImageError) and not isinstance(src, (str, Path)): why = "cannot identify image file"
         raise BadRecord(f"{name}: cannot decode image: {type(e).__name__}: {why}", "corrupt image") from None
 
-# %% ../nbs/08_data.ipynb #ba8f7d81
+# %% ../nbs/08_data.ipynb #4991e2f3
 class TooManySkipped(BadRecord):
     "More of a dataset's records are bad than `data.max_skipped` allows: the data, not a record, is broken."
 
@@ -78,14 +78,18 @@ class WorkerBadRecord(BadRecord):
 class SampleDataset(Dataset):
     "Base for datasets that skip-and-count or raise on bad records."
     max_consecutive_bad = 100  # more bad records in a row than this means the data, not a record, is broken
+    always_skip = ()  # kinds of `BadRecord` left out and counted even without `skip_bad`
 
     def __init__(self, skip_bad: bool):
         self.skip_bad, self.skipped, self.bad, self._bad_idx = skip_bad, Counter(), [], {}
         self.upfront = []  # (kind, message) of the records left out before indexing (counted in `skipped` too)
+        self.cut = {}  # index -> message of the records read truncated to `max_len` (in this process)
+
+    def _skips(self, e: BadRecord) -> bool: return self.skip_bad or e.kind in self.always_skip
 
     def _reject(self, e: BadRecord, idx=None):
-        "Raise `e`, or count it when skipping bad records (`idx`: the index of an item found bad when read)."
-        if not self.skip_bad: raise e
+        "Raise `e`, or count it when skipping it (`idx`: the index of an item found bad when read)."
+        if not self._skips(e): raise e
         if idx is None: self.upfront.append((e.kind, str(e)))
         if idx is None or idx not in self._bad_idx:
             self.skipped[e.kind] += 1
@@ -97,25 +101,34 @@ class SampleDataset(Dataset):
         for k in range(min(len(self), self.max_consecutive_bad)):
             j = (i + k) % len(self)
             if j not in self._bad_idx:
-                try: return dict(self._get(j), skipped=met)
+                try: s = self._get(j)
                 except BadRecord as e:
-                    if not self.skip_bad and get_worker_info() is not None:
+                    if not self._skips(e) and get_worker_info() is not None:
                         raise WorkerBadRecord(str(e), e.kind) from None
                     self._reject(e, j)
+                else:
+                    cut = s.pop("cut", None)
+                    if cut: self.cut[j] = cut
+                    return dict(s, skipped=met, truncated=[(j, "truncated", cut)] if cut else [])
             met.append((j, *self._bad_idx[j]))
         raise TooManySkipped(f"{type(self).__name__}: {self.max_consecutive_bad} bad records in a row from index {i}; "
                             f"skipped so far: {dict(self.skipped)}")
 
     def summary(self) -> str:
-        "One line: how many records are in use and what was skipped, by kind."
-        return f"{type(self).__name__}: {len(self)} records, skipped {sum(self.skipped.values())} {dict(self.skipped)}"
+        "One line: how many records are in use, what was skipped, by kind, and how many were read truncated."
+        cut = f", truncated {len(self.cut)}" if self.cut else ""
+        return (f"{type(self).__name__}: {len(self)} records, skipped {sum(self.skipped.values())} "
+                f"{dict(self.skipped)}{cut}")
 
     def _sample(self, enc: dict, images: list, keys: list[str], sid: str, name: str) -> dict:
-        "Finish one sample: tensors, the images its (possibly truncated) text still refers to."
-        n = enc["n_images"]
+        "Finish one sample: tensors, the images its (possibly truncated) text still refers to, what truncation cut."
+        n, ids = enc["n_images"], enc["input_ids"]
         pix = torch.stack([self.transform(load_image(p, name)) for p in images[:n]]) if self.pixels and n else None
-        return dict(input_ids=torch.tensor(enc["input_ids"]), labels=torch.tensor(enc["labels"]), n_images=n,
-                    pixels=pix, image_keys=keys[:n], sample_id=sid)
+        cut = enc.get("length", len(ids)) > len(ids)
+        return dict(input_ids=torch.tensor(ids), labels=torch.tensor(enc["labels"]), n_images=n,
+                    pixels=pix, image_keys=keys[:n], sample_id=sid,
+                    cut=f"{name}: {enc['length']} tokens, cut to {len(ids)} (data.max_len={self.max_len})" if cut
+                    else None)  # `__getitem__` turns it into the sample's `truncated`
 
     def _images(self, i: int) -> tuple[str, list[str]]:
         "The name of record `i` and the keys of its images (as its samples' `image_keys`)."
@@ -136,19 +149,21 @@ class SampleDataset(Dataset):
         if not keep: raise DataError(f"{type(self).__name__}: no usable records ({self.summary()})")
         self._keep(keep)
 
-# %% ../nbs/08_data.ipynb #eb4e91e7
+# %% ../nbs/08_data.ipynb #50ef0166
 class SkipTally:
-    "The skipped records of one dataset, each counted once: its up-front skips and those `add`ed from batches."
+    "A dataset's skipped records, each counted once (up front, and `add`ed from batches), and its truncated ones."
     def __init__(self, ds: SampleDataset):
         self.records = len(ds) + len(ds.upfront)  # every record the data holds, good or bad
         self.seen = {("upfront", n): km for n, km in enumerate(ds.upfront)}  # record -> (kind, message)
+        self.cut = {}  # record -> message: read truncated to data.max_len (used, not skipped)
         self.new = []  # met here since the last `take_new`
 
     def add(self, items):
-        "Count the `(index, kind, message)` items of a batch's `skipped` list (or another tally's `take_new`)."
+        "Count the `(index, kind, message)` items of a batch's `skipped` or `truncated` list (or of a `take_new`)."
         for j, kind, msg in items:
-            if j not in self.seen:
-                self.seen[j] = (kind, msg)
+            book = self.cut if kind == "truncated" else self.seen
+            if j not in book:
+                book[j] = msg if kind == "truncated" else (kind, msg)
                 self.new.append((j, kind, msg))
 
     def take_new(self) -> list:
@@ -159,18 +174,22 @@ class SkipTally:
     def counts(self) -> Counter: return Counter(k for k, _ in self.seen.values())
     def total(self) -> int: return len(self.seen)
     def fraction(self) -> float: return self.total() / max(self.records, 1)
+    def truncated(self) -> int: return len(self.cut)
 
     def describe(self) -> str:
-        "`N of M records (f%): kind n, ...; first: message`."
+        "`N of M records (f%): kind n, ...; first: message`, then `; T truncated (first: message)` if any were."
         c = ", ".join(f"{k} {n}" for k, n in self.counts().most_common())
         first = f"; first: {next(iter(self.seen.values()))[1]}" if self.seen else ""
-        return f"{self.total()} of {self.records} records ({self.fraction():.1%}){': ' + c if c else ''}{first}"
+        cut = f"; {self.truncated()} truncated (first: {next(iter(self.cut.values()))})" if self.cut else ""
+        return f"{self.total()} of {self.records} records ({self.fraction():.1%}){': ' + c if c else ''}{first}{cut}"
 
     def check(self, limit: float, name: str = "data"):
         "`TooManySkipped` if more than `limit` of the records are known bad."
         if self.fraction() > limit:
+            fix = ("raise data.max_len, or data.max_skipped" if self.counts()["too long"]
+                   else "fix the data, or raise data.max_skipped")
             raise TooManySkipped(f"{name}: skipped {self.describe()}: more than data.max_skipped={limit:g} of the "
-                                 f"records; fix the data, or raise data.max_skipped", "too many skipped")
+                                 f"records; {fix}", "too many skipped")
 
 # %% ../nbs/08_data.ipynb #8ad77e28
 ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
@@ -200,9 +219,10 @@ def llava_messages(rec: dict, name: str) -> tuple[list[dict], list[str]]:
     if n != len(images): raise BadRecord(f"{name}: {n} {IMAGE_MARKER} markers for {len(images)} images")
     return msgs, images
 
-# %% ../nbs/08_data.ipynb #52ed7ba9
+# %% ../nbs/08_data.ipynb #17f88428
 class InstructDataset(SampleDataset):
     "Stage 2: LLaVA-Instruct-style JSON + image folder -> multi-turn chat samples."
+    always_skip = ("too long",)  # no answer token within data.max_len: left out and counted (truncated if one fits)
     def __init__(self, json_path, # the LLaVA JSON (a list of records)
                  image_folder, # the folder that record "image" paths are relative to
                  tokenizer, cfg: Config,
@@ -249,11 +269,12 @@ class InstructDataset(SampleDataset):
         enc = encode_chat(self.tok, msgs, self.L, self.max_len, name=name)
         return self._sample(enc, [self.folder / p for p in images], images, rid, name)
 
-# %% ../nbs/08_data.ipynb #a8dba907
+# %% ../nbs/08_data.ipynb #86b8ecf4
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
 class CaptionDataset(SampleDataset):
     "Stage 1: img2dataset webdataset shards (KEY.jpg|png + KEY.txt [+ KEY.json]) -> one-turn chat samples."
+    always_skip = ("too long",)
     def __init__(self, shards, # a glob pattern, or a list of tar paths
                  tokenizer, cfg: Config, transform=None, pixels: bool = True, skip_bad: bool | None = None):
         super().__init__(cfg.data.skip_bad if skip_bad is None else skip_bad)
@@ -396,7 +417,7 @@ def first_fit(lengths: list[int], # the size of each item
         room[r] -= lengths[i]
     return rows
 
-# %% ../nbs/08_data.ipynb #aa9c5c0b
+# %% ../nbs/08_data.ipynb #df630179
 def collate(samples: list[dict], pad_id: int, padding_side: str = "right") -> dict:
     "Pad samples to the batch's longest; `right` for training, `left` for generation."
     if padding_side not in ("left", "right"):
@@ -413,7 +434,8 @@ def collate(samples: list[dict], pad_id: int, padding_side: str = "right") -> di
                 n_images=torch.tensor([s["n_images"] for s in samples], dtype=torch.long),  # (B,)
                 pixels=torch.cat(pix) if pix else None,  # (N, 3, H, W), N = n_images.sum()
                 image_keys=[k for s in samples for k in s["image_keys"]], sample_ids=[s["sample_id"] for s in samples],
-                skipped=[x for s in samples for x in s.get("skipped", ())])  # [(index, kind, message)]
+                skipped=[x for s in samples for x in s.get("skipped", ())],  # [(index, kind, message)]
+                truncated=[x for s in samples for x in s.get("truncated", ())])  # [(index, "truncated", message)]
 
 @dataclass
 class Collator:
@@ -422,7 +444,7 @@ class Collator:
     padding_side: str = "right"
     def __call__(self, samples: list[dict]) -> dict: return collate(samples, self.pad_id, self.padding_side)
 
-# %% ../nbs/08_data.ipynb #400480f1
+# %% ../nbs/08_data.ipynb #b07ba963
 def pack(samples: list[dict], pad_id: int,
          capacity: int, # the most tokens a row may hold (`train.pack_tokens`)
         ) -> dict:
@@ -451,7 +473,8 @@ def pack(samples: list[dict], pad_id: int,
                 n_images=torch.tensor([sum(int(s["n_images"]) for s in row) for row in rows], dtype=torch.long),  # (R,)
                 pixels=torch.cat(pix) if pix else None,  # (N, 3, H, W) in row order
                 image_keys=[k for s in order for k in s["image_keys"]], sample_ids=[s["sample_id"] for s in order],
-                skipped=[x for s in samples for x in s.get("skipped", ())])
+                skipped=[x for s in samples for x in s.get("skipped", ())],
+                truncated=[x for s in samples for x in s.get("truncated", ())])
 
 @dataclass
 class PackCollator:

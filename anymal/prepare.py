@@ -463,8 +463,8 @@ def prepare_coco(root, urls: dict | None = None, fetch: Callable = http_fetch, l
     man.save()
     return man.data
 
-# %% ../nbs/22_prepare.ipynb #c098b2c6
-LLM_FILES = ["*.json", "*.safetensors", "tokenizer*"]  # config, weights, tokenizer; not Meta's original/*.pth copy
+# %% ../nbs/22_prepare.ipynb #53052a73
+LLM_FILES = ["*.json", "*.safetensors", "tokenizer*", "*.jinja", "LICENSE", "USE_POLICY.md"]  # not original/*.pth
 
 def _gated_help(repo: str, e: Exception) -> str:
     tok = "HF_TOKEN is set but was refused" if os.environ.get("HF_TOKEN") else "HF_TOKEN is not set"

@@ -107,7 +107,7 @@ class RunLogger:
         except Exception as e: warnings.warn(f"W&B finish failed ({type(e).__name__}: {e})")
         self.run = None
 
-# %% ../nbs/11_runlog.ipynb #31e04f48
+# %% ../nbs/11_runlog.ipynb #e98c5074
 class SkipReport:
     "A run's skipped records: counted over workers and ranks, checked against `data.max_skipped`, reported."
     def __init__(self, cfg: Config, d: Dist,
@@ -119,8 +119,10 @@ class SkipReport:
         if any(t.total() for t in self.tallies.values()): self._print("skipped up front")
 
     def add(self, batch: dict, name: str = "train"):
-        "Count the skips a batch of dataset `name` carries."
-        if name in self.tallies: self.tallies[name].add(batch.get("skipped") or ())
+        "Count the skips and truncations a batch of dataset `name` carries."
+        if name not in self.tallies: return
+        self.tallies[name].add(batch.get("skipped") or ())
+        self.tallies[name].add(batch.get("truncated") or ())
 
     def watch(self, loader, name: str):
         "The batches of `loader`, their skips counted for dataset `name`."
@@ -139,17 +141,20 @@ class SkipReport:
         self.check()
 
     def report(self, step: int, epoch: float, at: str): # "epoch" (its end) or "end" (of the run)
-        "`sync`, then a line on stderr (rank 0; if anything was skipped, or at the end when skipping) and a record."
+        "`sync`, then a line on stderr (rank 0; if any were skipped or truncated, or at the end when skipping), a record."
         if not self.tallies: return
         self.sync()
-        if any(t.total() for t in self.tallies.values()) or (at == "end" and self.always):
-            self._print(f"skipped records, epoch {epoch:g}" if at == "epoch" else f"skipped records, step {step}")
+        if any(t.total() or t.truncated() for t in self.tallies.values()) or (at == "end" and self.always):
+            cut = any(t.truncated() for t in self.tallies.values())
+            what = "skipped and truncated records" if cut else "skipped records"
+            self._print(f"{what}, epoch {epoch:g}" if at == "epoch" else f"{what}, step {step}")
         rec = dict(step=step, split="skipped", at=at, epoch=epoch)
         for k, t in self.tallies.items():
-            rec.update({k: t.total(), f"{k}_records": t.records, f"{k}_kinds": dict(t.counts())})
+            rec.update({k: t.total(), f"{k}_records": t.records, f"{k}_kinds": dict(t.counts()),
+                        f"{k}_truncated": t.truncated()})
         if self.log is not None: self.log.log(rec)
 
     def _print(self, what: str):
         if not self.d.is_main: return
-        parts = [f"{k} {t.describe()}" for k, t in self.tallies.items() if t.total() or k == "train"]
+        parts = [f"{k} {t.describe()}" for k, t in self.tallies.items() if t.total() or t.truncated() or k == "train"]
         tqdm.write(f"{what}: {'; '.join(parts)}", file=sys.stderr)  # above a progress bar, if one is up

@@ -127,7 +127,7 @@ def _assistant_spans(tok, messages: list[dict], full: str, name: str) -> list[tu
         spans.append((len(before), len(upto)))
     return spans
 
-# %% ../nbs/02_tokenizer.ipynb #d9ceac45
+# %% ../nbs/02_tokenizer.ipynb #499d5e11
 def _span_labels(
     ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]], name: str
 ) -> tuple[list[int], list[int]]:
@@ -184,10 +184,10 @@ def _chat_text(tok, msgs: list[dict], gen: bool, name: str) -> tuple[str, list[t
 def encode_chat(tok, # a tokenizer with LLaMA-3's chat template
                 messages: list[dict], # [{role, content}], content may contain `<image>` markers
                 n_latents: int, # L: placeholder tokens per image
-                max_len: int | None = None, # truncate (whole turns) to at most this many tokens
+                max_len: int | None = None, # truncate to at most this many tokens (whole turns where one fits)
                 add_generation_prompt: bool = False, # end with an open assistant header (for generation)
                 name: str = "record") -> dict: # how errors name this conversation
-    "Token ids, labels (-100 except assistant content + <|eot_id|>) and image count of one conversation."
+    "Token ids, labels (-100 except assistant content + <|eot_id|>), image count and length before truncation."
     _check_messages(tok, messages, name, need_answer=not add_generation_prompt)
     n_markers = sum(m["content"].count(IMAGE_MARKER) for m in messages)
     msgs = [dict(m, content=m["content"].replace(IMAGE_MARKER, IMAGE_TOKEN * n_latents)) for m in messages]
@@ -197,19 +197,19 @@ def encode_chat(tok, # a tokenizer with LLaMA-3's chat template
     labels, ends = _span_labels(ids, offsets, spans, name)
     if max_len is not None and len(ids) > max_len:
         fit = [e for e in ends if e <= max_len]
-        if not fit:
-            raise BadRecord(
-                f"{name}: {len(ids)} tokens and the first answer ends at token "
-                f"{ends[0] if ends else len(ids)}, beyond max_len={max_len}",
-                "too long",
-            )
-        ids, labels = ids[:fit[-1]], labels[:fit[-1]]
+        cut = fit[-1] if fit else max_len  # whole turns; else the first answer in part, as LLaVA cuts
+        if not fit and all(l == -100 for l in labels[:cut]):
+            first = next((i for i, l in enumerate(labels) if l != -100), None)
+            at = "" if first is None else f", and its first answer starts at token {first}"
+            raise BadRecord(f"{name}: {len(ids)} tokens{at}, beyond max_len={max_len}", "too long")
+        ids, labels = ids[:cut], labels[:cut]
     n_img = ids.count(tok.convert_tokens_to_ids(IMAGE_TOKEN))
     if n_img % n_latents or (len(ids) == len(full_ids) and n_img != n_markers * n_latents):
         raise BadRecord(f"{name}: {n_img} image tokens for {n_markers} <image> markers of {n_latents} tokens")
-    return dict(input_ids=ids, labels=labels, n_images=n_img // n_latents, turns=sum(e <= len(ids) for e in ends))
+    return dict(input_ids=ids, labels=labels, n_images=n_img // n_latents, turns=sum(e <= len(ids) for e in ends),
+                length=len(full_ids))
 
-# %% ../nbs/02_tokenizer.ipynb #1d80c43a
+# %% ../nbs/02_tokenizer.ipynb #3e8d9adf
 def encode_chats(tok, # a tokenizer with LLaMA-3's chat template
                  chats: list[list[dict]], # text-only conversations (no `<image>`)
                  names: list[str] | None = None, # how errors name each conversation
@@ -224,5 +224,6 @@ def encode_chats(tok, # a tokenizer with LLaMA-3's chat template
         t, s = _chat_text(tok, chat, False, name)
         texts.append(t)
         spans.append(s)
-    return [dict(input_ids=ids, labels=_span_labels(ids, offs, s, name)[0], n_images=0, turns=len(s))
+    return [dict(input_ids=ids, labels=_span_labels(ids, offs, s, name)[0], n_images=0, turns=len(s),
+                 length=len(ids))
             for (ids, offs), s, name in zip(_ids_offsets(tok, texts), spans, names)]

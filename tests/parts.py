@@ -1,18 +1,17 @@
 """Frozen parts for tests, saved the way the real ones are: a tiny shapes world and its tokenizer, a random tiny LLaMA
 (a transformers folder) and tiny CLIP weights (a file), and the config that loads them.
 
-The full scale's files, small: fake copies of the public sources `anymal prepare` fetches (`fake_sources`), a tiny
-LLaMA in the files and conventions of Meta's LLaMA-3-8B-Instruct (`llama3_folder`) laid out in an HF hub cache as
-huggingface_hub lays it out (`hub_cache_snapshot`), and random weights of an open_clip architecture saved as open_clip
-saves them (`open_clip_weights`).
+The full scale's weights, small: a tiny LLaMA in the files and conventions of Meta's LLaMA-3-8B-Instruct
+(`llama3_folder`) laid out in an HF hub cache as huggingface_hub lays it out (`hub_cache_snapshot`), and random
+weights of an open_clip architecture saved as open_clip saves them (`open_clip_weights`). The public data sources
+`anymal prepare` fetches have their stand-ins in `tests/sources.py`.
 
 Also `run_cli`, the `anymal` command in a fresh process. Test helpers, not part of the library: tests import them as
 `from parts import tiny_parts, run_cli`."""
 from __future__ import annotations
-import hashlib, io, json, os, subprocess, sys, zipfile
+import hashlib, os, subprocess, sys
 from pathlib import Path
 import torch
-from PIL import Image
 from anymal.config import Config, override, tiny
 from anymal.llm import random_llm
 from anymal.tokenizer import train_tokenizer
@@ -45,67 +44,6 @@ def run_cli(*args, env=None, timeout=180, cwd=REPO) -> subprocess.CompletedProce
     "The `anymal` console entry point in a fresh process (this checkout's anymal, one thread, warnings off)."
     return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, cwd=cwd, env=cli_env(env),
                           timeout=timeout)
-
-
-# ---- the public sources `anymal prepare` fetches, small and local (tests/test_prepare.py, tests/test_full_scale.py)
-
-def jpeg(seed: int, size: int = 8) -> bytes:
-    "A small RGB JPEG whose colour is a function of `seed`."
-    b = io.BytesIO()
-    Image.new("RGB", (size, size), (seed * 40 % 256, 30, 90)).save(b, "JPEG")
-    return b.getvalue()
-
-
-def conv(q="<image>\nWhat is it?", a="A square."):
-    "A LLaVA conversation: one human turn, one gpt turn."
-    return [{"from": "human", "value": q}, {"from": "gpt", "value": a}]
-
-
-SOURCE_FILES = {"llava_instruct": "llava_instruct_150k.json", "coco_train2017": "train2017.zip",
-                "lcs558k_json": "blip_laion_cc_sbu_558k.json", "lcs558k_images": "images.zip",
-                "vqav2_questions_val": "v2_Questions_Val_mscoco.zip",
-                "vqav2_annotations_val": "v2_Annotations_Val_mscoco.zip", "coco_val2014": "val2014.zip",
-                "coco_annotations2017": "annotations_trainval2017.zip", "coco_val2017": "val2017.zip"}
-
-
-def fake_sources(src: Path) -> dict:
-    "Fake copies of every public source `anymal prepare` fetches, in `src`, a few records bad; `{name: file:// URL}`."
-    src.mkdir(parents=True, exist_ok=True)
-    llava = [{"id": f"r{i}", "image": f"{i:012d}.jpg", "conversations": conv()} for i in range(1, 9)]
-    llava += [{"id": "no-image", "image": "000000000099.jpg", "conversations": conv()},
-              {"id": "no-answer", "image": "000000000001.jpg", "conversations": conv()[:1]},
-              {"id": "two-markers", "image": "000000000001.jpg", "conversations": conv("<image><image>")}]
-    (src / "llava_instruct_150k.json").write_text(json.dumps(llava))
-    with zipfile.ZipFile(src / "train2017.zip", "w") as z:
-        for i in range(1, 11): z.writestr(f"train2017/{i:012d}.jpg", jpeg(i))
-    lcs = [{"id": f"{i:09d}", "image": f"00000/{i:09d}.jpg",
-            "conversations": conv("<image>\nDescribe.", f"caption {i}")} for i in range(25)]
-    lcs += [{"id": "nocap", "image": "00000/nocap.jpg", "conversations": conv()[:1]},
-            {"id": "png", "image": "00000/png.jpg", "conversations": conv()},
-            {"id": "lost", "image": "00000/lost.jpg", "conversations": conv()}]
-    (src / "blip_laion_cc_sbu_558k.json").write_text(json.dumps(lcs))
-    with zipfile.ZipFile(src / "images.zip", "w") as z:
-        for r in lcs[:25]: z.writestr(r["image"], jpeg(int(r["id"])))
-        z.writestr("00000/png.jpg", b"\x89PNG\r\n\x1a\nnot a jpeg")
-    ids = [3, 1, 2, 5]
-    qs = {"data_subtype": "val2014",
-          "questions": [{"image_id": i, "question": f"q{k}", "question_id": i * 10 + k} for i in ids for k in (0, 1)]}
-    an = {"annotations": [{"image_id": i, "question_id": i * 10 + k, "question_type": "what", "answer_type": "other",
-                           "multiple_choice_answer": "red",
-                           "answers": [{"answer": "red", "answer_confidence": "yes", "answer_id": j}
-                                       for j in range(1, 11)]}
-                          for i in ids for k in (0, 1)]}
-    caps = {"images": [{"id": i, "file_name": f"{i:012d}.jpg"} for i in ids],
-            "annotations": [{"image_id": i, "id": 100 + i, "caption": "x"} for i in ids]}
-    for name, member, obj in (("v2_Questions_Val_mscoco.zip", "v2_OpenEnded_mscoco_val2014_questions.json", qs),
-                              ("v2_Annotations_Val_mscoco.zip", "v2_mscoco_val2014_annotations.json", an),
-                              ("annotations_trainval2017.zip", "annotations/captions_val2017.json", caps)):
-        with zipfile.ZipFile(src / name, "w") as z: z.writestr(member, json.dumps(obj))
-    with zipfile.ZipFile(src / "val2014.zip", "w") as z:
-        for i in ids[:3]: z.writestr(f"val2014/COCO_val2014_{i:012d}.jpg", jpeg(i))  # image 5 is missing
-    with zipfile.ZipFile(src / "val2017.zip", "w") as z:
-        for i in ids: z.writestr(f"val2017/{i:012d}.jpg", jpeg(i))
-    return {k: (src / v).as_uri() for k, v in SOURCE_FILES.items()}
 
 
 # ---- released weights as the hub and open_clip save them, tiny (tests/test_prepare.py, tests/test_full_scale.py)

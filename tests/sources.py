@@ -1,5 +1,6 @@
 """Stand-ins for the public sources of `anymal prepare`: small files in the real layouts, and the two downloaders that
-serve them, so that `anymal prepare` runs the code it runs against the network, without one.
+serve them, so that `anymal prepare` runs the code it runs against the network, without one; or the hosts themselves
+(`StandInSources.serve()`), so that the real downloaders fetch them over HTTP.
 
 - `hf_hub_download` has `huggingface_hub.hf_hub_download`'s signature and behaviour for what `anymal.prepare` uses: it
   answers only `repo_type="dataset"` (without it the Hub looks for a *model* and answers 401), writes the file into
@@ -8,6 +9,10 @@ serve them, so that `anymal prepare` runs the code it runs against the network, 
   `LocalEntryNotFoundError` when `offline`).
 - `fetch(url, dest)` serves the real COCO / VQAv2 / GQA / TextVQA / Visual Genome URLs of `anymal.prepare.SOURCES`
   (and any `file://` URL) through `anymal.prepare.http_fetch`, and answers 404 for any other URL.
+- `serve()` puts them on 127.0.0.1 instead, for the real `huggingface_hub.hf_hub_download` and `http_fetch`, in a
+  process of their own too (`anymal prepare` as a user types it): a stand-in of the Hub (`HF_ENDPOINT`) that answers
+  as huggingface.co answers for a dataset's file, and a stand-in of the other hosts (COCO, VQA, ... and the Hub's
+  storage) at their URLs' paths (`--url NAME=URL`). `HubServer` says what the Hub sends and what it leaves out.
 
 The files hold what the real ones hold, in miniature, realities included:
 
@@ -15,15 +20,18 @@ The files hold what the real ones hold, in miniature, realities included:
   end of the first human turn, grayscale and CMYK JPEGs among the images, and three bad records;
 - LLaVA-1.5's mix665k: image paths with sub-folders per source (`coco/train2017/`, `gqa/images/`, `ocr_vqa/images/`,
   `textvqa/train_images/`, `vg/VG_100K/`, `vg/VG_100K_2/`), text-only records with no `image` key (ShareGPT's, with
-  their `"model": ""`), `<image>` at the end of the first human turn, integer ids, ids shared by several records,
-  grayscale, CMYK and RGBA images (OCR-VQA's PNGs named `.jpg`), and bad records of each kind;
+  their `"model": ""`; one with an answer of 12,000 characters, longer than the full preset's `data.max_len`),
+  `<image>` at the end of the first human turn, integer ids, ids shared by several records, grayscale, CMYK and RGBA
+  images (OCR-VQA's PNGs named `.jpg`), and bad records of each kind;
 - LCS-558K (`blip_laion_cc_sbu_558k.json` + `images.zip` of `00000/000000012.jpg`), VQAv2 val questions and
   annotations, COCO captions val 2017, in their official structures.
 
 `EXPECT[instruct]` says what `prepare_llava` must make of each record: kept (`"image"` or `"text"`), or skipped with a
 reason containing the given text. Test helpers, not part of the library: `from sources import StandInSources`."""
 from __future__ import annotations
-import io, json, shutil, urllib.error, zipfile
+import hashlib, io, json, re, shutil, threading, urllib.error, urllib.parse, zipfile
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from PIL import Image
@@ -49,6 +57,10 @@ def turns(*pairs) -> list[dict]:
 
 
 SHORT = "Answer the question using a single word or phrase."
+LONG_QUESTION = "Write a detailed guide to planting a vegetable garden, step by step."
+LONG_ANSWER = "\n\n".join(f"Step {i}: prepare the bed for the {v}, water it every morning, and keep a note of how "
+                           f"the {v} grow through the season, so that next year's garden does better." for i, v in
+                           enumerate(["tomatoes", "beans", "carrots", "onions", "peppers", "lettuce"] * 12, 1))
 
 
 def llava150k() -> tuple[list, list, dict]:
@@ -111,8 +123,10 @@ def mix665k() -> tuple[list, list, dict, dict]:
          "conversations": turns(("How to tell if a customer segment is well segmented? In 3 bullet points.",
                                  "1. Homogeneity\n2. Distinctiveness\n3. Stability"), ("Thanks!", "You are welcome."))},
         "text")
-    add({"id": 40688, "model": "", "conversations": turns(("Write a haiku about rain.", "Soft rain on the roof."))},
+    add({"id": 40690, "model": "", "conversations": turns(("Write a haiku about rain.", "Soft rain on the roof."))},
         "text")
+    add({"id": "Hq4xT2m_0", "model": "", "conversations": turns((LONG_QUESTION, LONG_ANSWER), ("Thanks.", "Welcome."))},
+        "text")  # a long ShareGPT answer: thousands of tokens, past the full preset's data.max_len of 1024
     add({"id": "QWJhYvA_0", "model": "", "conversations": [{"from": "gpt", "value": "Hello! How can I help?"},
                                                           {"from": "human", "value": "Hi."}]},
         "turns are not human/gpt alternating")
@@ -266,3 +280,103 @@ class StandInSources:
     def kept(self, instruct: str) -> list:
         "The records of `instruct` that `prepare_llava` keeps."
         return [r for r, f in zip(self.records[instruct], self.expect[instruct]) if f in ("image", "text")]
+
+    @contextmanager
+    def serve(self):
+        "These sources over HTTP on 127.0.0.1 while in the block: a `HubServer` (`.endpoint`, `.urls`, `.requests`)."
+        with HubServer(self) as srv: yield srv
+
+
+def _sha256(path: Path) -> str: return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    "One request to `server.owner` (a `HubServer`), which answers it as the Hub or as the hosts do."
+    protocol_version = "HTTP/1.0"  # one request a connection: nothing left open when the servers stop
+
+    def log_message(self, *a): pass  # no line on stderr per request
+    def do_HEAD(self): self.server.owner.answer(self, self.server.role, body=False)
+    def do_GET(self): self.server.owner.answer(self, self.server.role, body=True)
+
+
+class HubServer:
+    """The stand-in Hub and hosts, on two ports of 127.0.0.1 (two origins, as huggingface.co and its storage are).
+
+    The Hub (`endpoint`, for `HF_ENDPOINT`) answers `HEAD`/`GET /datasets/{repo}/resolve/{revision}/{file}` as
+    huggingface.co answers for a file kept in LFS, to a client without a token: `302 Found` to the file on the
+    other origin, with `X-Repo-Commit`, `ETag` (the pointer's), `X-Linked-Etag` (the file's sha256) and
+    `X-Linked-Size`; for a repo that is not there, a model repo's path or a gated repo, `401` with `X-Error-Code:
+    RepoNotFound` or `GatedRepo`; for a file that is not there, `404` with `X-Error-Code: EntryNotFound`; all of it in
+    the headers, as a `HEAD` has no body. It sends no `X-Xet-Hash`, so `hf_hub_download` takes the plain HTTP path,
+    not Xet's (the Hub serves these repos through Xet storage now, to clients with `hf_xet` installed). Anything
+    else (`huggingface_hub` asks `/api/agent-harnesses` for its telemetry, once a day) is a 404, which it ignores.
+
+    The hosts (`urls`) serve each non-Hub source at `/{host}{path}` of its real URL, and the Hub's files at
+    `/lfs/{sha256}`, with `Content-Length`, `ETag` and byte ranges (`206`), as S3 and CloudFront do. `requests`
+    lists `(role, method, path, Range, Authorization)` of every request, for a test to see what went where."""
+
+    def __init__(self, src: StandInSources, gated=None):
+        self.src, self.gated = src, src.gated if gated is None else set(gated)
+        self.requests, self.commit = [], hashlib.sha1(b"stand-in commit").hexdigest()
+        self.blobs = {_sha256(f): f for f in src.hub.values()}
+        self._servers = []
+
+    def __enter__(self):
+        for role in ("hub", "hosts"):
+            httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+            httpd.owner, httpd.role, httpd.daemon_threads = self, role, True
+            threading.Thread(target=httpd.serve_forever, args=(0.02,), daemon=True).start()  # quick to stop
+            self._servers.append(httpd)
+        self.endpoint, self.hosts = (f"http://127.0.0.1:{h.server_address[1]}" for h in self._servers)
+        self.paths = {"/" + u.split("://", 1)[1]: self.src.http[u] for u in P.SOURCES.values() if isinstance(u, str)}
+        self.urls = {n: self.hosts + "/" + u.split("://", 1)[1] for n, u in P.SOURCES.items() if isinstance(u, str)}
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._servers:
+            h.shutdown()
+            h.server_close()
+
+    def answer(self, h: _Handler, role: str, body: bool):
+        path = urllib.parse.unquote(urllib.parse.urlsplit(h.path).path)
+        self.requests.append((role, h.command, path, h.headers.get("Range"), h.headers.get("Authorization")))
+        if role == "hub": return self._hub(h, path)
+        if path.startswith("/lfs/") and path[5:] in self.blobs: return self._file(h, self.blobs[path[5:]], body)
+        if path in self.paths: return self._file(h, self.paths[path], body)
+        self._reply(h, 404, {"Content-Type": "text/plain"})
+
+    def _hub(self, h: _Handler, path: str):
+        m = re.fullmatch(r"/(datasets/)?([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
+        if m is None: return self._reply(h, 404, {"Content-Type": "text/plain"})
+        dataset, repo, _, filename = m.groups()
+        if not dataset or repo not in HUB_REPOS:  # a model repo's path: the Hub cannot tell missing from private
+            return self._reply(h, 401, {"X-Error-Code": "RepoNotFound", "X-Error-Message": "Repository not found"})
+        if repo in self.gated:
+            return self._reply(h, 401, {"X-Error-Code": "GatedRepo", "X-Error-Message": f"Access to dataset {repo} "
+                                        "is restricted. You must have access to it and be authenticated to access it."})
+        if (repo, filename) not in self.src.hub:
+            return self._reply(h, 404, {"X-Error-Code": "EntryNotFound", "X-Error-Message": "Entry not found",
+                                        "X-Repo-Commit": self.commit})
+        f = self.src.hub[repo, filename]
+        sha = _sha256(f)
+        self._reply(h, 302, {"Location": f"{self.hosts}/lfs/{sha}", "X-Repo-Commit": self.commit,
+                             "ETag": f'"{hashlib.sha1(sha.encode()).hexdigest()}"', "X-Linked-Etag": f'"{sha}"',
+                             "X-Linked-Size": str(f.stat().st_size), "Content-Length": "0"})
+
+    def _file(self, h: _Handler, f: Path, body: bool):
+        data, start = f.read_bytes(), 0
+        if (r := re.fullmatch(r"bytes=(\d+)-", h.headers.get("Range") or "")):
+            start = int(r.group(1))
+            if start >= len(data): return self._reply(h, 416, {"Content-Range": f"bytes */{len(data)}"})
+        head = {"Content-Length": str(len(data) - start), "ETag": f'"{_sha256(f)}"', "Accept-Ranges": "bytes",
+                "Content-Type": "application/octet-stream"}
+        if start: head["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
+        self._reply(h, 206 if start else 200, head, data[start:] if body else b"")
+
+    @staticmethod
+    def _reply(h: _Handler, code: int, headers: dict, data: bytes = b""):
+        h.send_response(code)
+        for k, v in headers.items(): h.send_header(k, v)
+        if "Content-Length" not in headers: h.send_header("Content-Length", str(len(data)))
+        h.end_headers()
+        if data: h.wfile.write(data)

@@ -268,7 +268,7 @@ def test_masking_on_world_conversations(root, tok):
         assert sup == "".join(t["value"] + EOT for t in r["conversations"][1::2])
 
 
-def test_truncation_drops_whole_turns_never_images(tok):
+def test_truncation_whole_turns_else_the_first_answer_in_part_never_images(tok):
     msgs = [dict(role="user", content="<image>\nWhat color is the circle?"), dict(role="assistant", content="red"),
             dict(role="user", content="And here? <image>"), dict(role="assistant", content="blue"),
             dict(role="user", content="How many shapes are there?"), dict(role="assistant", content="2")]
@@ -284,8 +284,14 @@ def test_truncation_drops_whole_turns_never_images(tok):
         assert e["input_ids"].count(img) == L * e["n_images"]
         seen.add((e["turns"], e["n_images"]))
     assert seen == {(1, 1), (2, 2), (3, 2)}
-    with pytest.raises(BadRecord, match=r"conv#9: .* beyond max_len=20") as ex:
-        encode_chat(tok, msgs, L, max_len=20, name="conv#9")
+    start = next(i for i, l in enumerate(full["labels"]) if l != -100)  # the first answer's first token
+    for m in range(start + 1, first_end):  # inside the first answer: cut there, the answer in part (as LLaVA cuts)
+        e = encode_chat(tok, msgs, L, max_len=m)
+        assert e["input_ids"] == full["input_ids"][:m] and e["labels"] == full["labels"][:m]
+        assert (e["turns"], e["n_images"], e["length"]) == (0, 1, n) and e["labels"][-1] != -100
+    with pytest.raises(BadRecord, match=rf"conv#9: {n} tokens, and its first answer starts at token {start}, "
+                                        rf"beyond max_len={start}$") as ex:
+        encode_chat(tok, msgs, L, max_len=start, name="conv#9")  # not one answer token fits
     assert ex.value.kind == "too long"
 
 
@@ -302,8 +308,9 @@ def test_round_trip_stage2(root, tok, cfg):
     assert len(ds) == len(recs) and not ds.skipped
     batch = next(iter(build_loader(ds, tok, cfg, shuffle=False)))
     B = cfg.train.batch_size
-    assert set(batch) == {"input_ids", "attention_mask", "labels", "n_images", "pixels", "image_keys", "sample_ids", "skipped"}
-    assert batch["skipped"] == []
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "n_images", "pixels", "image_keys", "sample_ids",
+                          "skipped", "truncated"}
+    assert batch["skipped"] == [] and batch["truncated"] == []
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
     assert batch["input_ids"].shape[1] == batch["attention_mask"].sum(1).max() <= cfg.data.max_len  # dynamic padding
     assert batch["n_images"].tolist() == [1] * B and batch["pixels"].shape == (B, 3, 64, 64)
@@ -453,7 +460,11 @@ def test_bad_record_at_read_time_is_replaced(root, tok, cfg, good, tmp_path, kin
     path = _llava(tmp_path, [dict(good, id="a"), bad, dict(good, id="c")])
     strict = InstructDataset(path, root / "images", tok, cfg)
     assert len(strict) == 3  # passes the cheap checks
-    with pytest.raises(BadRecord, match=r"x\.json#1 \(id=late\)"): strict[1]
+    if kind == "too long":  # not bad, too long to learn from at this max_len: left out and counted without skip_bad too
+        assert strict[1]["sample_id"] == "c" and strict.skipped == Counter({kind: 1})
+        assert strict.bad[0].startswith("x.json#1 (id=late): ") and "beyond max_len=" in strict.bad[0]
+    else:
+        with pytest.raises(BadRecord, match=r"x\.json#1 \(id=late\)"): strict[1]
     ds = InstructDataset(path, root / "images", tok, cfg, skip_bad=True)
     assert ds[1]["sample_id"] == "c"  # replaced by the next good record
     assert ds[1]["sample_id"] == "c" and ds.skipped == Counter({kind: 1})  # counted once

@@ -1,11 +1,14 @@
 """The dress rehearsal of a full-scale run (issue 20): what a user who follows the README types, end to end, through
 the `anymal` command, on the full preset's own code path.
 
-`anymal prepare weights` and `anymal prepare all`; stage 1 under `torchrun` (two processes, DDP over gloo); stage 2
-stopped by SIGTERM (what a cloud sends a machine it reclaims) and resumed with `--resume`; `anymal eval` (VQA with its
-blank / shuffled / text-only controls, and captions); `anymal chat` on the result. The config is `--preset full`:
-LLaMA-3-8B-Instruct named by its hub id and found in an HF cache with `HF_HUB_OFFLINE=1`, loaded in NF4 (frozen in
-stage 1; with LoRA and `train.mode=small`, as `full()` sets it, in stage 2), CLIP named by an open_clip architecture.
+`anymal prepare weights` and `anymal prepare all --instruct mix665k` (LLaVA-1.5's mix, its realities included: image
+paths with sub-folders per source, text-only records, `<image>` at the end of the turn, integer ids, grayscale, CMYK
+and RGBA images, a ShareGPT answer longer than `data.max_len`); stage 1 under `torchrun` (two processes, DDP over
+gloo); stage 2 on the mix, text-only records and the truncated long one included, stopped by SIGTERM (what a cloud
+sends a machine it reclaims) and resumed with `--resume`; `anymal eval` (VQA with its blank / shuffled / text-only
+controls, and captions); `anymal chat` on the result. The config is `--preset full`: LLaMA-3-8B-Instruct named by its
+hub id and found in an HF cache with `HF_HUB_OFFLINE=1`, loaded in NF4 (frozen in stage 1; with LoRA and
+`train.mode=small`, as `full()` sets it, in stage 2), CLIP named by an open_clip architecture.
 
 The only differences from a real run are the sizes and where the bytes come from:
 
@@ -14,8 +17,11 @@ The only differences from a real run are the sizes and where the bytes come from
 - the bytes: the HF cache holds a tiny random LLaMA with a byte-level BPE that has LLaMA-3's special tokens and chat
   template, in the files of Meta's repo (`parts.llama3_folder`), where a real run has Meta's download; CLIP's weights
   are random ones in a file (`FILES`: `vision.pretrained`), saved as open_clip saves them, where a real run has
-  `openai`'s from the cache; `anymal prepare` fetches small fake copies of the public sources from file:// URLs
-  (`--url`, `parts.fake_sources`).
+  `openai`'s from the cache; `anymal prepare` fetches small stand-ins of the public sources (`sources.StandInSources`)
+  over HTTP from 127.0.0.1, through the downloaders a real run uses: the Hugging Face files through
+  `huggingface_hub.hf_hub_download` from a stand-in of the Hub (`HF_ENDPOINT`; `HF_HUB_OFFLINE=0` for that one
+  command), the others through `http_fetch` from stand-ins of their hosts (`--url NAME=URL`, at their real URLs'
+  paths); OCR-VQA's images, which LLaVA's own script fetches, are put in place as that script would.
 
 With ANYMAL_REHEARSAL_TRANSCRIPT=FILE set it also writes the transcript of the run (each command as the user types it
 and what it printed) to FILE: `tools/rehearsal.py` regenerates docs/full-scale.md so."""
@@ -23,7 +29,8 @@ from __future__ import annotations
 import json, os, re, shlex, signal, subprocess, sys, time
 from pathlib import Path
 
-from parts import CLI, LLAMA3_REPO, cli_env, fake_sources, hub_cache_snapshot, llama3_folder, open_clip_weights
+from parts import CLI, LLAMA3_REPO, cli_env, hub_cache_snapshot, llama3_folder, open_clip_weights
+from sources import StandInSources
 
 CLIP_ARCH = "ViT-S-32-alt"  # open_clip's smallest ViT; the real run's is ViT-L-14 (`full()`)
 SIZES = [  # the full preset's sizes, shrunk; nothing else is changed
@@ -54,14 +61,20 @@ class Shell:
     "Runs the user's commands in `<root>/work` and keeps what each printed, for the assertions and the transcript."
     def __init__(self, root: Path, env: dict, words: dict):
         self.root, self.cwd, self.env, self.words, self.steps = root, root / "work", env, words, []
+        self.subst = {}  # text -> the shell variable the transcript shows for it
         self.cwd.mkdir()
 
-    def argv(self, shown: list[str]) -> list[str]:
-        "What runs for the command line `shown` (`anymal` and `torchrun` as this Python runs them; $WORDS expanded)."
+    def argv(self, shown: list[str]) -> tuple[list[str], dict]:
+        """What runs for the command line `shown` (`anymal` and `torchrun` as this Python runs them; $WORDS expanded),
+        and its environment (with the `NAME=value` words it starts with, as a shell reads them)."""
+        env = dict(self.env)
+        while "=" in shown[0] and not shown[0].startswith("-"):
+            k, v = shown[0].split("=", 1)
+            env[k], shown = v, shown[1:]
         real = [a for w in shown for a in (self.words[w] if w in self.words else [w])]
-        if real[0] == "anymal": return [*CLI, *real[1:]]
-        if real[0] == "torchrun": return [sys.executable, "-m", "torch.distributed.run", *real[1:]]
-        return real
+        if real[0] == "anymal": return [*CLI, *real[1:]], env
+        if real[0] == "torchrun": return [sys.executable, "-m", "torch.distributed.run", *real[1:]], env
+        return real, env
 
     def record(self, title: str, shown: list[str], rc: int, out: bytes, err: bytes, t0: float,
                note: str = "") -> subprocess.CompletedProcess:
@@ -73,7 +86,8 @@ class Shell:
 
     def run(self, title: str, *shown: str, expect: int = 0, note: str = "") -> subprocess.CompletedProcess:
         t0 = time.time()
-        p = subprocess.run(self.argv(list(shown)), capture_output=True, cwd=self.cwd, env=self.env, timeout=900)
+        argv, env = self.argv(list(shown))
+        p = subprocess.run(argv, capture_output=True, cwd=self.cwd, env=env, timeout=900)
         r = self.record(title, list(shown), p.returncode, p.stdout, p.stderr, t0, note)
         assert r.returncode == expect, f"{' '.join(shown)}: exit {r.returncode}\n{r.stderr[-3000:]}"
         return r
@@ -81,8 +95,8 @@ class Shell:
     def run_until(self, title: str, *shown: str, stop_when, note: str = "") -> subprocess.CompletedProcess:
         "Run a command and send it SIGTERM once `stop_when()` is true (as a cloud does to a machine it reclaims)."
         t0 = time.time()
-        p = subprocess.Popen(self.argv(list(shown)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=self.cwd,
-                             env=self.env)
+        argv, env = self.argv(list(shown))
+        p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=self.cwd, env=env)
         while p.poll() is None and not stop_when(): time.sleep(0.05)
         ended = p.poll() is not None
         p.send_signal(signal.SIGTERM)
@@ -94,6 +108,7 @@ class Shell:
 
 def test_full_scale_rehearsal(tmp_path):
     # ---- the files a real run downloads, small: the HF cache, CLIP's weights, the public data sources ----
+    from anymal import prepare as P
     from anymal.config import full, override
     cfg = override(full(), SIZES)
     snapshot = hub_cache_snapshot(llama3_folder(tmp_path / "llama", cfg.llm, TEXT), LLAMA3_REPO,
@@ -102,12 +117,11 @@ def test_full_scale_rehearsal(tmp_path):
     clip = open_clip_weights(tmp_path / "clip" / "open_clip_model.safetensors", CLIP_ARCH)
     import open_clip  # saved as open_clip saves them: its own loader takes the file
     open_clip.create_model(CLIP_ARCH, pretrained=str(clip), force_quick_gelu=True)
-    urls = fake_sources(tmp_path / "src")
+    src = StandInSources(tmp_path / "src")  # the public sources, small, their realities included
     files = [f"vision.pretrained={clip}"]
     env = {k: v for k, v in cli_env().items() if k not in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_TOKEN")}
     env.update(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1", ANYMAL_CACHE=str(tmp_path / "cache"))
-    sh = Shell(tmp_path, env, {"$SIZES": sets(*SIZES), "$FILES": sets(*files),
-                               "$URLS": [f"--url={k}={v}" for k, v in urls.items()]})
+    sh = Shell(tmp_path, env, {"$SIZES": sets(*SIZES), "$FILES": sets(*files)})
     s1, s2 = sh.cwd / "runs/full/stage1", sh.cwd / "runs/full/stage2"  # full()'s run folders
     assert (cfg.llm.path, cfg.llm.quant, cfg.train.mode, cfg.stage2.init_from) == (LLAMA3_REPO, "nf4", "small",
                                                                                    "runs/full/stage1")
@@ -118,11 +132,34 @@ def test_full_scale_rehearsal(tmp_path):
                     "them where the loaders will.")
     assert json.loads(r.stdout) == {"llm": str(snapshot), "clip": str(clip)}
 
-    # ---- the data: `anymal prepare all` lays out LLaVA-Instruct, LCS-558K captions, VQAv2 val, COCO captions ----
-    r = sh.run("The data", "anymal", "prepare", "all", "--val", "2", "--shard-size", "10", "$URLS",
-               note="A real run fetches ~50 GB here, and keeps the default --val and --shard-size.")
+    # ---- the data: `anymal prepare all` lays out LLaVA-1.5's mix, LCS-558K captions, VQAv2 val, COCO captions,
+    # fetched over HTTP by huggingface_hub (the Hub's files) and http_fetch (the rest) from the stand-in hosts ----
+    src.user_files(sh.cwd / "data")  # OCR-VQA's images: LLaVA's script fetches them, not anymal prepare
+    with src.serve() as srv:
+        sh.env["HF_ENDPOINT"] = srv.endpoint
+        sh.words["$URLS"] = [f"--url={k}={v}" for k, v in srv.urls.items()]
+        sh.subst = {srv.endpoint: "$HUB", srv.hosts: "$HOSTS"}
+        r = sh.run("The data", "HF_HUB_OFFLINE=0", "anymal", "prepare", "all", "--instruct", "mix665k", "--val", "2",
+                   "--shard-size", "10", "$URLS",
+                   note="The one command that downloads (`HF_HUB_OFFLINE=0`; a real run does not set it at all): "
+                        "~95 GB at full scale, with the default --val and --shard-size. OCR-VQA's images, which come "
+                        "in no archive, were put in `data/images/ocr_vqa/` first, as LLaVA's script puts them.")
+        seen = list(srv.requests)
     done = {d["dataset"]: d for d in map(json.loads, r.stdout.splitlines())}
-    assert list(done) == ["llava", "captions", "vqav2", "coco"] and done["llava"]["train"] and done["captions"]["train"]
+    assert list(done) == ["llava", "captions", "vqav2", "coco"] and done["captions"]["train"]
+    hub = [(f.repo, f.filename) for n, f in P.SOURCES.items()
+           if isinstance(f, P.HubFile) and n != "llava_instruct"]  # the mix's JSON and LCS-558K's two files
+    asked = [p for r_, m, p, *_ in seen if r_ == "hub"]
+    assert sorted(p for p in asked if "/resolve/" in p) == sorted(f"/datasets/{r_}/resolve/main/{f}" for r_, f in hub)
+    assert [p for p in asked if "/resolve/" not in p] in ([], ["/api/agent-harnesses"])  # huggingface_hub's telemetry
+    assert len([p for r_, m, p, *_ in seen if p.startswith("/lfs/")]) == len(hub)  # each from the Hub's storage
+    assert (sh.cwd / "data/downloads/.cache/huggingface/download/llava_v1_5_mix665k.json.metadata").is_file()
+    train = json.loads((sh.cwd / "data/llava/llava_instruct_train.json").read_text())
+    val = json.loads((sh.cwd / "data/llava/llava_instruct_val.json").read_text())
+    assert sorted(map(json.dumps, train + val)) == sorted(map(json.dumps, src.kept("mix665k")))  # records as they are
+    text_only = [r_["id"] for r_ in train if "image" not in r_]
+    assert done["llava"]["text_only"] == 3 and len(text_only) == 2 and "Hq4xT2m_0" in text_only  # the long one too
+    assert {r_["image"].split("/")[0] for r_ in train if "image" in r_} == {"coco", "gqa", "ocr_vqa", "textvqa", "vg"}
     assert (sh.cwd / "data/vqa/v2_OpenEnded_mscoco_val2014_questions.json").is_file()
 
     # ---- stage 1 under torchrun: two processes, the LLM frozen in NF4, only the bridge trains ----
@@ -141,7 +178,7 @@ def test_full_scale_rehearsal(tmp_path):
     # the frozen NF4 LLM passes the bridge its gradient, after a validation (eval mode) too: on a CPU it once did not
     assert all(x["grad_norm"] > 0 for x in rows), rows
 
-    # ---- stage 2: LoRA on the NF4 LLM, stopped by SIGTERM after a few steps, then resumed ----
+    # ---- stage 2 on the mix: LoRA on the NF4 LLM, stopped by SIGTERM after a few steps, then resumed ----
     def past_step_3():
         try: return any(x["step"] >= 3 for x in train_rows(s2))
         except (FileNotFoundError, json.JSONDecodeError): return False  # not written yet, or a line half written
@@ -153,7 +190,16 @@ def test_full_scale_rehearsal(tmp_path):
                             r.stderr).group(1))
     assert 3 <= stopped < 12 and latest_checkpoint(s2).name == f"step-{stopped:08d}"
     before = [x for x in metrics(s2) if x["step"] <= stopped]
-    sh.run("Stage 2, resumed", "anymal", "train", "--preset", "full", "--stage", "2", "--resume", "$SIZES", "$FILES")
+    r = sh.run("Stage 2, resumed", "anymal", "train", "--preset", "full", "--stage", "2", "--resume", "$SIZES",
+               "$FILES")
+    # the mix trains whole: no record skipped, the text-only ones among the 10 (in batches with the others), and the
+    # long ShareGPT answer truncated to data.max_len, trained on, counted and said; not a stop (skip_bad=false here)
+    ends = [x for x in metrics(s2) if x["split"] == "skipped"]  # each epoch's end, and each run's
+    assert ends and all((x["train"], x["train_records"]) == (0, len(train)) for x in ends)
+    assert max(x["train_truncated"] for x in ends) == 1 and ends[-1]["at"] == "end", ends
+    said = sh.steps[-2]["stderr"] + r.stderr  # the stopped run's, the resumed one's
+    assert (f": train 0 of {len(train)} records (0.0%); 1 truncated (first: llava_instruct_train.json#" in said and
+            re.search(r" \(id=Hq4xT2m_0\): \d+ tokens, cut to 1024 \(data.max_len=1024\)\)", said)), said[-3000:]
     rows = train_rows(s2)
     assert metrics(s2)[:len(before)] == before  # the stopped run's log, kept as it was
     assert [x["step"] for x in rows] == list(range(1, 13))
@@ -186,9 +232,15 @@ def test_full_scale_rehearsal(tmp_path):
 
 # ---- the transcript (docs/full-scale.md) ----
 
-def _screen(text: str, root: Path) -> list[str]:
-    "The lines a terminal is left showing of `text`: a progress bar's last frame (none if it cleared itself), $R."
-    last = [line.split("\r")[-1].rstrip() for line in text.replace(str(root), "$R").split("\n")]
+def _vars(text: str, subst: dict) -> str:
+    "`text` with each key of `subst` written as its shell variable (the longest first: one may start another)."
+    for k in sorted(subst, key=len, reverse=True): text = text.replace(k, subst[k])
+    return text
+
+
+def _screen(text: str, subst: dict) -> list[str]:
+    "The lines a terminal is left showing of `text`: a progress bar's last frame (none if it cleared itself); $R..."
+    last = [line.split("\r")[-1].rstrip() for line in _vars(text, subst).split("\n")]
     return [l for l in last if l.strip()]
 
 
@@ -205,45 +257,60 @@ terminal is left showing it; long outputs cut in the middle). Regenerate it with
 
 The run uses `--preset full` and the full preset's own code path: LLaMA-3-8B-Instruct named by its hub id and found
 in the HF cache offline, loaded in NF4 (LoRA and `train.mode=small` in stage 2), CLIP named by an open_clip
-architecture, the data laid out by `anymal prepare`, stage 1 under `torchrun`, stage 2 stopped by SIGTERM and
+architecture, the data laid out by `anymal prepare` (LLaVA-1.5's 665K mix for stage 2, as it is: image paths with a
+sub-folder per source, text-only ShareGPT records, `<image>` at the end of a turn, integer ids, grayscale, CMYK and
+RGBA images, a ShareGPT answer longer than `data.max_len`), stage 1 under `torchrun`, stage 2 stopped by SIGTERM and
 resumed. **The only differences from a real run are the sizes and where the bytes come from:**
 
 - the sizes: `$SIZES` below (open_clip's ViT-S-32-alt instead of ViT-L-14, a one-layer resampler of 8 latents, a
   2-layer LLaMA of width 64, batches of 4, a few steps) and `anymal prepare`'s `--val` and `--shard-size`;
 - the bytes: the HF cache (`$R/hf`) holds a tiny random LLaMA, in the files of Meta's repo, with a byte-level BPE
   that has LLaMA-3's special tokens and chat template; CLIP's weights are random ones in a file (`$FILES`), where a
-  real run has `openai`'s; `anymal prepare` fetches small fake copies of the public sources (`$URLS`).
+  real run has `openai`'s; `anymal prepare` downloads small stand-ins of the public sources (`tests/sources.py`) over
+  HTTP from this machine, through the downloaders of a real run: the Hugging Face files through
+  `huggingface_hub.hf_hub_download` from a stand-in of the Hub (`$HUB`, as `HF_ENDPOINT`: it answers as
+  huggingface.co does, a redirect to its storage on another origin), the COCO, VQAv2, GQA, TextVQA and Visual Genome
+  archives through `anymal.prepare.http_fetch` from stand-ins of their hosts (`$HOSTS`, at their real URLs' paths:
+  `$URLS`). OCR-VQA's images, which LLaVA's script fetches and no archive holds, are put in place as it puts them.
 
 So the numbers mean nothing (a random model, 16 steps): the run shows that every step works end to end, and what
 each one says. `$R` is the test's folder; the commands run in `$R/work`, on a 2-core CPU.
 
-Beyond each exit status the test checks what a user relies on: the weights are found by hub id, offline; under
-torchrun both processes trained (the checkpoint's world size is 2) and one result line is printed; the frozen NF4
-LLM passes the bridge a gradient after a validation (on a CPU it once did not: issue 20); the stopped run saved its
-step and the resumed one counts on from it (its log kept, its token count not from 0); stage 2 has LoRA tensors and
-`train.mode=small`; eval reports every control for every question, and the captions.
+Beyond each exit status the test checks what a user relies on: the weights are found by hub id, offline; the Hub's
+three files came through `hf_hub_download` (a HEAD to the Hub, the bytes from its storage) and the mix's records are
+laid out as they are, text-only ones and every image source included; under torchrun both processes trained (the
+checkpoint's world size is 2) and one result line is printed; the frozen NF4 LLM passes the bridge a gradient after
+a validation (on a CPU it once did not: issue 20); stage 2 skips no record of the mix and trains on the long answer
+truncated to `data.max_len`, counting and saying so (with `data.skip_bad=false`, as the full preset has it, it once
+stopped there); the stopped run saved its step and the resumed one counts on from it (its log kept, its token count
+not from 0); stage 2 has LoRA tensors and `train.mode=small`; eval reports every control for every question, and the
+captions.
 
 ## Setup
 
 ```console
 $ export HF_HOME=$R/hf HF_HUB_OFFLINE=1   # the cache holding {repo}
+$ export HF_ENDPOINT=$HUB                  # HUB={hub}: the stand-in Hub
 $ SIZES="{sizes}"
 $ FILES="{files}"
-$ URLS="{urls}"
+$ URLS="{urls}"                            # HOSTS={hosts}
 $ cd $R/work
 ```
 
-At full scale: `anymal prepare weights` and `anymal prepare all` without the sizes, `$FILES` and `$URLS`, then the
-same commands without `$SIZES $FILES` (on Modal: `anymal.cloud.submit`, lesson 8)."""
+At full scale: `anymal prepare weights` and `anymal prepare all --instruct mix665k` without the sizes, `$FILES`,
+`$URLS`, `HF_ENDPOINT` and `HF_HUB_OFFLINE`, then the same commands without `$SIZES $FILES` (on Modal:
+`anymal.cloud.submit`, lesson 8)."""
 
 
 def write_transcript(path: Path, sh: Shell, root: Path):
     "docs/full-scale.md: the commands of the rehearsal as a user types them, and what each printed."
-    q = lambda ws: " ".join(w.replace(str(root), "$R") for w in ws)  # no spaces in them: a shell variable's text
+    subst = {str(root): "$R", **sh.subst}
+    q = lambda ws: _vars(" ".join(ws), subst)  # no spaces in them: a shell variable's text
+    named = {v: k for k, v in sh.subst.items()}  # $HUB and $HOSTS: the stand-in Hub's and hosts' addresses
     out = [HEADER.format(repo=LLAMA3_REPO, sizes=q(sh.words["$SIZES"]), files=q(sh.words["$FILES"]),
-                         urls=q(sh.words["$URLS"]))]
+                         urls=q(sh.words["$URLS"]), hub=named["$HUB"], hosts=named["$HOSTS"])]
     for i, s in enumerate(sh.steps, 1):
-        shown = _trim(_screen(s["stderr"], root)) + _trim(_screen(s["stdout"], root), 40, 12)
+        shown = _trim(_screen(s["stderr"], subst)) + _trim(_screen(s["stdout"], subst), 40, 12)
         out += ["", f"## {i}. {s['title']}", ""]
         if s["note"]: out += [s["note"], ""]
         out += ["```console", f"$ {s['command']}", *shown, "```", "", f"Exit status {s['rc']}, {s['seconds']} s."]

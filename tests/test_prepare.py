@@ -136,6 +136,83 @@ def test_hub_refusals_are_one_line_user_errors(tmp_path, src, monkeypatch, capsy
         assert "\n" not in err and msg in err and "Traceback" not in err, err
 
 
+def quiet_hub(monkeypatch):
+    """In this process the stand-in Hub is passed as `endpoint=` (huggingface_hub reads HF_ENDPOINT at import), and
+    nothing else may go to huggingface.co: HF_HUB_DISABLE_TELEMETRY (`constants`, read at each call) keeps its user
+    agent from asking `{HF_ENDPOINT}/api/agent-harnesses` for the AI agents it names (tests/test_full_scale.py sees
+    that request reach the stand-in, in a process of its own). Fails if the constant goes."""
+    import huggingface_hub.constants as C
+    assert hasattr(C, "HF_HUB_DISABLE_TELEMETRY")
+    monkeypatch.setattr(C, "HF_HUB_DISABLE_TELEMETRY", True)
+
+
+def test_prepare_through_the_real_downloaders_over_http(tmp_path, src, monkeypatch):
+    """The real `huggingface_hub.hf_hub_download` against a stand-in of the Hub on 127.0.0.1 (a 302 to its storage on
+    another origin, as huggingface.co answers for an LFS file), and `http_fetch` against stand-ins of the other hosts:
+    the same layouts as through the Python stand-ins, the token sent to the Hub and not to its storage."""
+    from functools import partial
+    from huggingface_hub import hf_hub_download
+    quiet_hub(monkeypatch)
+    root, other = tmp_path / "data", tmp_path / "llava150k"
+    src.user_files(root)
+    with src.serve() as srv:
+        dl = partial(hf_hub_download, endpoint=srv.endpoint, token="hf_test")
+        urls = [f"--url={k}={v}" for k, v in srv.urls.items()]
+        assert P.prepare_main(["all", "--root", str(root), "--val", "2", "--shard-size", "10", "--instruct", "mix665k",
+                               *urls], hub_download=dl) == 0
+        assert P.prepare_main(["llava", "--root", str(other), "--val", "2", *urls], hub_download=dl) == 0
+        seen = list(srv.requests)
+        assert P.prepare_main(["all", "--root", str(root), "--val", "2", "--shard-size", "10", "--instruct", "mix665k",
+                               *urls], hub_download=dl) == 0
+        assert srv.requests == seen  # a second run asks for nothing
+    check_llava(src, root, "mix665k")
+    check_llava(src, other, "llava150k")
+    hub = [(s.repo, s.filename) for s in P.SOURCES.values() if isinstance(s, P.HubFile)]
+    heads = sorted((m, p, a) for r, m, p, _, a in seen if r == "hub" and "/resolve/" in p)
+    assert heads == sorted(("HEAD", f"/datasets/{r}/resolve/main/{f}", "Bearer hf_test") for r, f in hub)
+    lfs = [(m, p, a) for r, m, p, _, a in seen if r == "hosts" and p.startswith("/lfs/")]
+    assert sorted(lfs) == sorted(("GET", f"/lfs/{sha(src.hub[k])}", None) for k in hub)  # no token off the Hub
+    plain = [p for r, m, p, _, a in seen if r == "hosts" and not p.startswith("/lfs/")]
+    path = lambda name: "/" + P.SOURCES[name].split("://", 1)[1]  # a host's URL, as the stand-in serves it
+    assert sorted(plain) == sorted([*(path(n) for n, u in P.SOURCES.items() if isinstance(u, str)),
+                                    path("coco_train2017")])  # each host's file once for each root that needs it
+    for name in P.SOURCES:  # every file as the source has it
+        r = other if name == "llava_instruct" else root
+        assert sha(r / "downloads" / P.download_name(name)) == sha(src.files[name]), name
+    meta = (root / "downloads/.cache/huggingface/download/llava_v1_5_mix665k.json.metadata").read_text().split()
+    assert meta[:2] == [srv.commit, sha(src.files["llava_mix665k"])]  # huggingface_hub's record: commit, etag
+
+
+@pytest.mark.parametrize("kind", ["gated", "repo", "file", "model"])
+def test_hub_refusals_through_the_real_hf_hub_download(tmp_path, src, monkeypatch, kind):
+    "What the stand-in Hub answers over HTTP, as huggingface.co does, becomes the same one line as from the stand-in."
+    from functools import partial
+    from huggingface_hub import hf_hub_download
+    quiet_hub(monkeypatch)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
+    f = P.SOURCES["llava_instruct"]
+    if kind == "repo": f = P.HubFile("liuhaotian/No-Such-Dataset", f.filename)
+    if kind == "file": f = P.HubFile(f.repo, "llava_instruct_151k.json")
+    with src.serve() as srv:
+        if kind == "gated": srv.gated.add(f.repo)
+        download = partial(hf_hub_download, endpoint=srv.endpoint)
+        if kind == "model":  # without repo_type="dataset": the Hub looks for a model and answers 401
+            download = lambda repo, filename, **kw: hf_hub_download(repo, filename, **{**kw, "repo_type": None},
+                                                                    endpoint=srv.endpoint)
+        with pytest.raises(P.HubAccessError) as e:
+            P.hub_fetch(f, tmp_path / "downloads" / f.filename, download, "llava_instruct")
+    msg = str(e.value)
+    assert "\n" not in msg and f.repo in msg and f.filename in msg, msg
+    assert {"gated": "Accept its terms on https://huggingface.co/datasets/liuhaotian/LLaVA-Instruct-150K",
+            "repo": "does not exist or is private", "file": "has no file llava_instruct_151k.json (404)",
+            "model": "does not exist or is private"}[kind] in msg
+    assert type(e.value.__cause__).__name__ == {"gated": "GatedRepoError", "repo": "RepositoryNotFoundError",
+                                                "file": "RemoteEntryNotFoundError",
+                                                "model": "RepositoryNotFoundError"}[kind]
+    assert not (tmp_path / "downloads" / f.filename).exists()
+
+
 def test_the_installed_hf_hub_download_takes_the_call(tmp_path, monkeypatch):
     """`hub_fetch` against the real `huggingface_hub.hf_hub_download`, offline (its request hook refuses to send
     anything): a changed signature fails here, and its offline error becomes the one line."""
@@ -165,7 +242,7 @@ def test_mix665k_realities(tmp_path, src, capsys):
     assert src.prepare("llava", "--root", root, "--instruct", "mix665k", "--val", "2") == 0
     line = json.loads(capsys.readouterr().out.splitlines()[-1])
     man, train, val = check_llava(src, root, "mix665k")
-    assert line["text_only"] == 2 and line["by_source"] == man["counts"]["by_source"]
+    assert line["text_only"] == 3 and line["by_source"] == man["counts"]["by_source"]
     kinds = Counter(r["image"].split("/")[0] if "image" in r else "text_only" for r in src.kept("mix665k"))
     assert man["counts"]["by_source"] == dict(kinds) and set(kinds) == {"coco", "gqa", "ocr_vqa", "textvqa", "vg", "text_only"}
     kept = train + val
@@ -409,3 +486,46 @@ def test_prepared_data_feeds_the_real_loaders(tmp_path, src, instruct):
         assert torch.isfinite(out.loss)
         assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
     assert b["pixels"] is None and int(b["n_images"].sum()) == 0
+    if instruct != "mix665k": return
+    [(d, i)] = [(d, i) for d in ds_all for i, r in enumerate(d.records) if r[1] == "Hq4xT2m_0"]  # the long answer
+    s = d[i]  # truncated to max_len, the part of its answer that fits trained on, and said so
+    assert len(s["input_ids"]) == cfg.data.max_len and (s["labels"] != -100).sum() > 50
+    assert [k for _, k, _ in s["truncated"]] == ["truncated"]
+    assert "cut to 160 (data.max_len=160)" in s["truncated"][0][2]
+
+
+def test_mix665k_trains_with_cached_features(tmp_path, src, monkeypatch):
+    """Stage 2 on the prepared mix665k with `train.cache_features` (the frozen CLIP's features computed once, looked up
+    by the batches' image keys): the text-only records, which have no features, train beside the others, in a batch
+    of their own too, and the long ShareGPT answer is trained on truncated and counted so."""
+    import math
+    from anymal.data import Collator
+    from anymal.runlog import read_metrics
+    from anymal.stages import build_stage, stage_config
+    from anymal.tokenizer import train_tokenizer
+    from anymal.trainer import fit
+    from anymal.config import tiny
+    monkeypatch.setenv("ANYMAL_CACHE", str(tmp_path / "cache"))
+    root = tmp_path / "data"
+    src.user_files(root)
+    assert src.prepare("llava", "--root", root, "--instruct", "mix665k", "--val", "2") == 0
+    words = [t["value"] for r in src.records["mix665k"] for t in r["conversations"]]
+    train_tokenizer(words * 5, 512, root / "tokenizer")
+    n = len(read(root, "llava/llava_instruct_train.json"))
+    cfg = stage_config(tiny(), 2, [
+        f"data.root={root}", "standins.enabled=false", "train.cache_features=true", "train.init_from=",
+        "train.allow_random_resampler=true", f"train.out_dir={tmp_path / 'run'}", f"train.batch_size={n}",
+        "train.steps=2", "train.warmup=1", "train.log_every=1", "train.eval_every=0", "train.save_every=0"])
+    cfg, model, tok, train_ds, val_ds, prepare = build_stage(cfg, progress=False)
+    text = [i for i, r in enumerate(train_ds.records) if not r[3]]
+    assert len(text) == 2 and len(train_ds) == n > len(text)  # and one in val
+    inputs = prepare(Collator(tok.pad_token_id)([train_ds[i] for i in text]), "cpu")  # text only: nothing to look up
+    assert "image_feats" not in inputs and int(inputs["n_images"].sum()) == 0
+    loss = model(**inputs).loss
+    loss.backward()
+    assert math.isfinite(loss.item())
+    fit(cfg, model, train_ds, val_ds, Collator(tok.pad_token_id), prepare=prepare, progress=False)
+    rows = read_metrics(tmp_path / "run", "train")  # each step: one batch of every record, text-only ones included
+    assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in rows)
+    end = read_metrics(tmp_path / "run", "skipped")[-1]
+    assert (end["train"], end["train_records"], end["train_truncated"]) == (0, n, 1)

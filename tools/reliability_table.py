@@ -105,9 +105,13 @@ CASES = {  # name -> (stage, what it does to a copy of the world, what should ha
     "16-bit PNG image file": (2, lambda r: _image(r).write_bytes(_png16(_image(r).read_bytes())), "trains"),
     "malformed LLaVA record": (2, lambda r: _edit_llava(r, lambda recs: [
         *recs[:3], dict(recs[3], conversations=[{"from": "robot", "value": "hi"}]), *recs[4:]]), "one record bad"),
-    "conversation longer than data.max_len": (2, lambda r: _edit_llava(r, lambda recs: [
+    "question longer than data.max_len": (2, lambda r: _edit_llava(r, lambda recs: [
         *recs[:3], dict(recs[3], conversations=[{"from": "human", "value": "<image>\n" + "Is it red? " * 80},
-                                                {"from": "gpt", "value": "no"}]), *recs[4:]]), "one record bad"),
+                                                {"from": "gpt", "value": "no"}]), *recs[4:]]), "too long"),
+    "answer longer than data.max_len": (2, lambda r: _edit_llava(r, lambda recs: [
+        *recs[:3], dict(recs[3], conversations=[recs[3]["conversations"][0],
+                                                {"from": "gpt", "value": "It is red. " * 80}]), *recs[4:]]),
+                                        "truncated"),
     "truncated LLaVA JSON file": (2, lambda r: (r / "llava/llava_instruct_train.json").write_text('[{"id": 1, "im'),
                                   "the file bad"),
 }
@@ -117,6 +121,8 @@ def expected(outcome: str, expect: str, skip_bad: bool) -> bool:
     "Whether a cell's outcome is what its case expects: a valid input trains; a bad one stops, or is skipped."
     error = outcome.startswith(("exit ", "traceback: "))
     if expect == "trains": return outcome == "trains, nothing skipped"
+    if expect == "truncated": return outcome == "trains, nothing skipped; truncated 1 of 32 train records"
+    if expect == "too long": return outcome == "trains, skipped 1 of 32 train records (too long 1)"  # skip_bad or not
     if expect == "the file bad" or not skip_bad: return error
     if expect == "too many bad": return error and "data.max_skipped" in outcome
     return outcome.startswith("trains, skipped 1 of ") and "val records" not in outcome
@@ -150,7 +156,9 @@ def _outcome(rc: int | None, err: str, out_dir: Path, exc: BaseException | None)
     kinds = lambda r, k: ", ".join(f"{n} {c}" for n, c in r[f"{k}_kinds"].items())
     parts = [f"{r[k]} of {r[f'{k}_records']} {k} records ({kinds(r, k)})"
              for r in end for k in ("train", "val") if r.get(k)]
-    return "trains, skipped " + "; ".join(parts) if parts else "trains, nothing skipped"
+    cut = [f"; truncated {r[f'{k}_truncated']} of {r[f'{k}_records']} {k} records"
+           for r in end for k in ("train", "val") if r.get(f"{k}_truncated")]
+    return ("trains, skipped " + "; ".join(parts) if parts else "trains, nothing skipped") + "".join(cut)
 
 def run_cell(world: Path, stage: int, sets: list[str], out_dir: Path) -> str:
     "`anymal train` in this process; its outcome."
@@ -209,7 +217,9 @@ def markdown(rows: list[dict], seconds: float) -> str:
     surprises = (f"**{len(odd)} cells are not as the script expects** (marked ✗)" if odd else
                  "Every cell is as the script expects")
     surprises += (" (`expected`: a valid input trains and skips nothing; with `skip_bad=false` a bad one stops the run;"
-                  " with `skip_bad=true` it is one counted skip, or past `data.max_skipped` a stop with the counts). "
+                  " with `skip_bad=true` it is one counted skip, or past `data.max_skipped` a stop with the counts; a"
+                  " conversation longer than `data.max_len` is truncated and counted, or, when not one answer token"
+                  " fits, one counted skip whatever `skip_bad` says). "
                   + (f"**{tb} of the {len(rows)} cells stop with a traceback**, not a one-line error."
                      if tb else "No cell ends in a traceback."))
     surprises = textwrap.fill(surprises, 116)
@@ -226,13 +236,16 @@ samples), the stage-2 ones into the LLaVA JSON (32 conversations, one per image)
 - `exit N: ...`: the command stopped with that one-line message (the record, shard or file is named in it);
 - `trains, skipped ...`: the run finished and counted the records it left out, by kind, as printed at the end of each
   epoch and of the run and written to `metrics.jsonl` (`split="skipped"`; counted across DataLoader workers and ranks);
+  `truncated N of M`: it trained on N records cut to `data.max_len`, counted in the same report;
 - `traceback: Type: message`: an exception escaped the command (a Python traceback, not a one-line error).
 
 Skipping stops once more than `data.max_skipped` (5%) of a dataset's records are known bad ("a quarter of the
 captions empty"): one bad record in 32 is 3%. With `skip_bad=false` the first bad record read is the error; with
 cached features every image is decoded before the first step, so a bad image is found there whichever record
 uses it. A 16-bit PNG decodes to the same picture as its 8-bit copy (`tests/test_data.py`,
-`test_images_decode_as_a_viewer_shows_them`), not to a white one.
+`test_images_decode_as_a_viewer_shows_them`), not to a white one. A conversation longer than `data.max_len` is not
+bad data (LLaVA-1.5's mix has many): it is truncated as LLaVA truncates, keeping the part of its answer that fits,
+and only one whose question alone fills `max_len` is left out, counted as `too long`, in either `skip_bad` mode.
 
 {surprises}
 
