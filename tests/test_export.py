@@ -1,7 +1,7 @@
 """`anymal export` and loading back: the adapter loads with plain peft (and merges), `AnyMAL.from_pretrained` gives the
 checkpoint's outputs, the model card's front matter, the Llama 3 licence terms for a Llama 3 base found in the HF cache,
 pushing through a stand-in for the Hub API, and the commands in fresh processes. Nothing here touches the network."""
-import hashlib, json, os, shutil, subprocess, sys
+import json, os, shutil, subprocess, sys
 from pathlib import Path
 import pytest
 import torch
@@ -11,7 +11,7 @@ from anymal.config import override
 from anymal.model import AnyMAL
 from anymal.checkpoint import save_checkpoint, load_for_inference
 from anymal.infer import Assistant
-from parts import run_cli, tiny_parts
+from parts import hub_cache_snapshot, run_cli, tiny_parts
 
 REPO = Path(__file__).resolve().parents[1]
 LLAMA3 = "meta-llama/Meta-Llama-3-8B-Instruct"
@@ -127,21 +127,6 @@ def test_model_card_of_a_tiny_export(made):
     assert "a blank image" in card and "**12 steps**" in card and "stage 1: **5 steps**" in card
     assert "shapes world" in card and "## Limitations" in card and "Llama" not in card
     assert not (made["out"] / "NOTICE").exists()
-
-
-def hub_cache_snapshot(src: Path, repo: str, cache: Path, rev: str = "0" * 40) -> Path:
-    "Lay `src`'s files out in the HF hub cache the way huggingface_hub's downloads do: blobs, snapshots/<rev>, refs/main."
-    base = cache / f"models--{repo.replace('/', '--')}"
-    snap = base / "snapshots" / rev
-    snap.mkdir(parents=True)
-    (base / "blobs").mkdir()
-    for f in src.iterdir():
-        blob = base / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest()
-        blob.write_bytes(f.read_bytes())
-        (snap / f.name).symlink_to(Path("../../blobs") / blob.name)
-    (base / "refs").mkdir()
-    (base / "refs" / "main").write_text(rev)
-    return snap
 
 
 def test_a_llama3_base_is_referenced_and_its_licence_terms_carried(made, tmp_path, monkeypatch):
