@@ -244,9 +244,14 @@ def test_serves_this_machine_only_unless_told(trained, tmp_path):
         ip = non_loopback_address()
         if ip:
             with pytest.raises(OSError): socket.create_connection((ip, port), timeout=2).close()
-        text = (tmp_path / "serve.log").read_text()
+        # the socket listens a moment before `launch` returns and the line is printed: wait for the line
+        want = f"open http://127.0.0.1:{port}/ (this machine only)"
+        for _ in range(300):
+            text = (tmp_path / "serve.log").read_text()
+            if want in text or proc.poll() is not None: break
+            time.sleep(0.2)
         assert "anymal serve: warning" not in text and "gradio.live" not in text, text
-        assert f"open http://127.0.0.1:{port}/ (this machine only)" in text, text
+        assert want in text, text
     finally:
         proc.terminate()
         proc.wait(timeout=30)
