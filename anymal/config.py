@@ -208,6 +208,8 @@ class StandinsConfig:
         0  # text-only scenes drawn like the train split's, added to the LLaMA's documents (anymal.standins.text_scenes)
     )
     lm_per_type: int = 4           # questions of each type per text-only scene (the world asks 2 per image)
+    lm_pairs: str = "train"        # colour-shape pairs of the text-only scenes: "train" (the held-out ones never, as in
+                                   # the train images) or "all" (a real LLM has read every pair; only images hold them out)
     lm_bf16: bool = False  # bf16 autocast where the CPU has native bf16 (as train.cpu_bf16)
     lm_format: str = "chat"  # "chat": the world's text in the stages' chat form; "plain": text/lm_{split}.txt lines
     lm_targets: str = (
@@ -381,6 +383,7 @@ RULES = {  # config key -> what its value must be (one line per key; a key witho
     "standins.lm_lr": COUNT,
     "standins.lm_scenes": COUNT,
     "standins.lm_per_type": COUNT,
+    "standins.lm_pairs": one_of("train", "all"),
     "standins.lm_format": one_of("chat", "plain"),
     "standins.lm_targets": one_of("assistant", "all"),
     "standins.warmup": COUNT,

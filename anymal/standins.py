@@ -32,10 +32,10 @@ from anymal.world import (
 )
 
 # %% auto #0
-__all__ = ['STANDINS_VERSION', 'LLM_SHAPE', 'VISION_SHAPE', 'cache_key', 'clip_text_ids', 'caption_pairs', 'load_pixels',
-           'clip_loss', 'train_tiny_clip', 'scene_chats', 'text_scenes', 'lm_documents', 'pack', 'doc_rows',
-           'lm_batches', 'lm_loss', 'train_tiny_llama', 'StandinsMissing', 'needs_standins', 'with_standins',
-           'standins_main']
+__all__ = ['STANDINS_VERSION', 'LLM_SHAPE', 'VISION_SHAPE', 'KEY_OMITS_AT', 'cache_key', 'clip_text_ids', 'caption_pairs',
+           'load_pixels', 'clip_loss', 'train_tiny_clip', 'scene_chats', 'text_scenes', 'lm_documents', 'pack',
+           'doc_rows', 'lm_batches', 'lm_loss', 'train_tiny_llama', 'StandinsMissing', 'needs_standins',
+           'with_standins', 'standins_main']
 
 # %% ../nbs/15_standins.ipynb #163173b4
 STANDINS_VERSION = 2  # bump when the stand-ins' training code changes what it produces: old cache entries stop matching
@@ -56,6 +56,10 @@ VISION_SHAPE = ("model", "image_size", "patch_size", "width", "layers", "head_wi
 
 def _sha(obj) -> str: return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
+# standins fields added after caches were built: at these values they are left out of the key, so those caches stay
+# valid (they were built as these values build)
+KEY_OMITS_AT = {"lm_pairs": "train"}
+
 def cache_key(kind: str, # "clip" or "llm"
               cfg: Config, world_root, tokenizer_dir) -> str:
     "`<kind>-<hash>` of the config sections, world, tokenizer and code version that decide a pretrained part."
@@ -64,7 +68,8 @@ def cache_key(kind: str, # "clip" or "llm"
     pre = {
         k: v
         for k, v in d["standins"].items()
-        if k.startswith({"clip": "clip_", "llm": "lm_"}[kind]) or k in ("warmup",)
+        if (k.startswith({"clip": "clip_", "llm": "lm_"}[kind]) or k in ("warmup",))
+        and not (k in KEY_OMITS_AT and v == KEY_OMITS_AT[k])
     }
     tok = hashlib.sha256((Path(tokenizer_dir) / "tokenizer.json").read_bytes()).hexdigest()[:16]
     what = dict(kind=kind, version=STANDINS_VERSION, shape=shape, standins=pre, seed=cfg.train.seed,
@@ -153,8 +158,11 @@ def text_scenes(root, # a world folder (its world.json says the held-out pairs a
     for k in ("lm_scenes", "lm_per_type"):
         if getattr(cfg.standins, k) < 0:
             raise ConfigError(f"standins.{k}={getattr(cfg.standins, k)}: must be 0 or more")
+    if cfg.standins.lm_pairs not in ("train", "all"):
+        raise ConfigError(f"standins.lm_pairs={cfg.standins.lm_pairs!r}: choose 'train' or 'all'")
     rng, held, out = random.Random(f"lm-text/{cfg.data.world_seed}"), {tuple(h) for h in info["heldout_combos"]}, []
-    for k in range(n):  # held-out colour-shape pairs never appear, as in the train split
+    held = held if cfg.standins.lm_pairs == "train" else set()  # "all": the text names the held-out pairs too
+    for k in range(n):  # "train": held-out colour-shape pairs never appear, as in the train split
         s = sample_scene(rng, "train", held, info["image_size"])
         out.append(dict(s, image_id=f"text {k}", description=describe(s), captions=captions(s, rng),
                         qa=make_qa(s, rng, cfg.standins.lm_per_type, "train", held)))
