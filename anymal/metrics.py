@@ -6,11 +6,12 @@ Docs: https://anymal-course.github.io/anymal/metrics.html.md"""
 
 # %% ../nbs/17_metrics.ipynb #d1298d2f
 from __future__ import annotations
-import json, random, re, shutil
+import json, random, re, shutil, zlib
 from collections import defaultdict
 from functools import partial
 from pathlib import Path
 from typing import Callable
+import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 from .config import DataConfig, DataError, read_json
@@ -19,9 +20,10 @@ from .data import decode_image
 # %% auto #0
 __all__ = ['CONTRACTIONS', 'NUMBER_WORDS', 'ARTICLES', 'PUNCT', 'SCORING', 'CONTROLS', 'ID', 'TEXT', 'QUESTION_KEYS',
            'ANNOTATION_KEYS', 'CAPTION_IMAGE_KEYS', 'CAPTION_KEYS', 'process_punctuation', 'process_digit_article',
-           'normalize_answer', 'vqa_score', 'evalai_answer', 'vqa_score_normalised', 'vqa_accuracy', 'vqa_prompt',
-           'coco_image_path', 'shuffle_images', 'load_images', 'run_batches', 'vqa_image_paths', 'check_vqa',
-           'check_captions', 'evaluate_vqa', 'spice_available', 'caption_metrics', 'evaluate_captions']
+           'normalize_answer', 'vqa_score', 'evalai_answer', 'vqa_score_normalised', 'vqa_accuracy',
+           'bootstrap_accuracy', 'vqa_prompt', 'coco_image_path', 'shuffle_images', 'load_images', 'run_batches',
+           'vqa_image_paths', 'check_vqa', 'check_captions', 'evaluate_vqa', 'spice_available', 'caption_metrics',
+           'evaluate_captions']
 
 # %% ../nbs/17_metrics.ipynb #5f79642a
 # `key:value` pairs of the official contraction table (verbatim, quirks included: "Im", "Ive", "Id've" and "I'dve"
@@ -177,6 +179,48 @@ def vqa_accuracy(results, # list of {"question_id", "answer"}, or the path of su
                        "perAnswerType": {k: len(v) for k, v in by(raw, 1).items()}},
             "evalQA": {qid: round(100 * s, n) for qid, s in raw.items()},
             "evalQA_normalised": {qid: round(100 * s, n) for qid, s in norm.items()}}
+
+# %% ../nbs/17_metrics.ipynb #9ddf2ee4
+_TYPE_FIELD = {"perQuestionType": "question_type", "perAnswerType": "answer_type"}
+
+def _interval(scores: np.ndarray, n_boot: int, level: float, rng: np.random.Generator, n: int) -> dict:
+    "Mean of `scores` and the percentile bootstrap interval of the mean, rounded to `n` digits."
+    means = np.empty(n_boot)
+    block = max(1, 2_000_000 // len(scores))  # resamples drawn at once: at most ~2M indices in memory
+    for i in range(0, n_boot, block):
+        k = min(block, n_boot - i)
+        means[i:i + k] = scores[rng.integers(0, len(scores), (k, len(scores)))].mean(1)
+    low, high = np.percentile(means, [50 * (1 - level), 50 * (1 + level)])
+    return {"mean": round(float(scores.mean()), n), "low": round(float(low), n), "high": round(float(high), n),
+            "n": len(scores)}
+
+def bootstrap_accuracy(result, # a `vqa_accuracy`/`evaluate_vqa` result or its `_metrics.json`; or {question_id: %}
+                       annotations_json, # VQAv2 annotations (dict or path): each question's type
+                       by: str = "perQuestionType", # or "perAnswerType"
+                       n_boot: int = 1000, # bootstrap resamples per group
+                       level: float = 0.95, # coverage of the interval
+                       seed: int = 0,
+                       n: int = 2, # digits to round to
+                      ) -> dict:
+    "Mean official VQA accuracy (%) overall and per type, each with a seeded percentile bootstrap interval."
+    if by not in _TYPE_FIELD: raise ValueError(f"by must be one of {list(_TYPE_FIELD)}, got {by!r}")
+    if not isinstance(n_boot, int) or n_boot < 1: raise ValueError(f"n_boot must be an int >= 1, got {n_boot!r}")
+    if not 0 < level < 1: raise ValueError(f"level must be between 0 and 1, got {level!r}")
+    result = _load_json(result, "VQA metrics")
+    scores = result.get("evalQA", result) if isinstance(result, dict) else None
+    if not isinstance(scores, dict) or not scores:
+        raise ValueError("no per-question scores: expected a VQA result with 'evalQA' or a {question_id: score} dict")
+    anns = _records(_load_json(annotations_json, "annotations"), "annotations", "annotations")
+    field = _TYPE_FIELD[by]
+    types = {str(a.get("question_id")): a.get(field) for a in anns}  # str: JSON files turn the ids into strings
+    groups = defaultdict(list)
+    for qid, s in scores.items():
+        if types.get(str(qid)) is None: raise KeyError(f"question_id {qid} has no {field!r} in the annotations")
+        groups[types[str(qid)]].append(float(s))
+    rng = lambda name: np.random.default_rng([seed, zlib.crc32(name.encode())])
+    out = {"overall": _interval(np.array([float(s) for s in scores.values()]), n_boot, level, rng("overall"), n)}
+    out[by] = {t: _interval(np.array(v), n_boot, level, rng(t), n) for t, v in sorted(groups.items())}
+    return out | {"n_boot": n_boot, "level": level, "seed": seed}
 
 # %% ../nbs/17_metrics.ipynb #971c9e86
 CONTROLS = ("none", "blank", "shuffled", "text_only")

@@ -127,28 +127,52 @@ def _as_named(results) -> dict:
         raise TypeError("expected a VQA result dict (with 'overall') or a {name: result} mapping of them")
     return dict(results)
 
+def _as_intervals(intervals, named: dict, by: str) -> dict:
+    "{column name: `bootstrap_accuracy` result or None} for the columns of `named`."
+    if intervals is None: return dict.fromkeys(named)
+    if isinstance(intervals, dict) and "n_boot" in intervals:  # one result's intervals
+        if len(named) != 1: raise ValueError("one set of intervals for several columns: pass {column name: intervals}")
+        intervals = {next(iter(named)): intervals}
+    unknown = [k for k in intervals if k not in named]
+    if unknown: raise KeyError(f"intervals for {unknown[0]!r}, which is not a column of the table ({list(named)})")
+    for k, iv in intervals.items():
+        if by not in iv or "overall" not in iv:
+            raise KeyError(f"the intervals of {k!r} have no {by!r} (bootstrap_accuracy(..., by={by!r}) gives them)")
+    return {k: intervals.get(k) for k in named}
+
 def accuracy_table(results, # a `vqa_accuracy` result, or {name: result}
                    by: str = "perQuestionType", # or "perAnswerType"
-                   digits: int = 2) -> str:
+                   digits: int = 2,
+                   intervals=None, # `bootstrap_accuracy` results, {name: result} (or one for a single result)
+                  ) -> str:
     "A markdown table of accuracy (%) per type, one column per result, counts from the first result."
     named = _as_named(results)
+    ivs = _as_intervals(intervals, named, by)
     first = next(iter(named.values()))
     types = sorted({t for r in named.values() for t in r[by]})
     counts = first.get("counts", {}).get(by, {})
-    fmt = lambda r, t: f"{r[by][t]:.{digits}f}" if t in r[by] else "-"
+    def num(v, iv) -> str:
+        return f"{v:.{digits}f}" + ("" if iv is None else f" [{iv['low']:.{digits}f}, {iv['high']:.{digits}f}]")
+    def fmt(k, r, t) -> str:
+        return num(r[by][t], ivs[k] and ivs[k][by].get(t)) if t in r[by] else "-"
     lines = [
         f"| {by[3:].replace('Type', ' type')} | n | " + " | ".join(named) + " |",
         "|---|---:|" + "---:|" * len(named),
     ]
-    lines += [f"| {t} | {counts.get(t, '')} | " + " | ".join(fmt(r, t) for r in named.values()) + " |" for t in types]
+    lines += [f"| {t} | {counts.get(t, '')} | " + " | ".join(fmt(k, r, t) for k, r in named.items()) + " |"
+              for t in types]
     lines.append(
         f"| **overall** | {first.get('counts', {}).get('overall', '')} | "
-        + " | ".join(f"**{r['overall']:.{digits}f}**" for r in named.values())
+        + " | ".join(f"**{num(r['overall'], ivs[k] and ivs[k]['overall'])}**" for k, r in named.items())
         + " |"
     )
     if all("overall_normalised" in r for r in named.values()):
         lines.append("| **overall, normalised** (EvalAI's answer processor, as LLaVA and lmms-eval) | | "
                      + " | ".join(f"**{r['overall_normalised']:.{digits}f}**" for r in named.values()) + " |")
+    shown = [iv for iv in ivs.values() if iv is not None]
+    if shown:
+        lines += ["", f"[low, high]: {100 * shown[0]['level']:g}% percentile bootstrap interval over the questions "
+                      f"({shown[0]['n_boot']} resamples, `anymal.metrics.bootstrap_accuracy`)"]
     return "\n".join(lines)
 
 # %% ../nbs/18_plots.ipynb #06f35cfe
