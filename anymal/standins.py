@@ -158,10 +158,8 @@ def text_scenes(root, # a world folder (its world.json says the held-out pairs a
     for k in ("lm_scenes", "lm_per_type"):
         if getattr(cfg.standins, k) < 0:
             raise ConfigError(f"standins.{k}={getattr(cfg.standins, k)}: must be 0 or more")
-    if cfg.standins.lm_pairs not in ("train", "all"):
-        raise ConfigError(f"standins.lm_pairs={cfg.standins.lm_pairs!r}: choose 'train' or 'all'")
-    rng, held, out = random.Random(f"lm-text/{cfg.data.world_seed}"), {tuple(h) for h in info["heldout_combos"]}, []
-    held = held if cfg.standins.lm_pairs == "train" else set()  # "all": the text names the held-out pairs too
+    rng, out = random.Random(f"lm-text/{cfg.data.world_seed}"), []
+    held = {tuple(h) for h in info["heldout_combos"]} if cfg.standins.lm_pairs == "train" else set()  # "all": named too
     for k in range(n):  # "train": held-out colour-shape pairs never appear, as in the train split
         s = sample_scene(rng, "train", held, info["image_size"])
         out.append(dict(s, image_id=f"text {k}", description=describe(s), captions=captions(s, rng),
