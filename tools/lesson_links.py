@@ -33,8 +33,8 @@ def notebook_of(module: str) -> str:
     return m.group(1)
 
 def table(nb: dict) -> str:
-    rows = [f"| `anymal.{m}` | [{notebook_of(m)[:-6]}](../nbs/{notebook_of(m)}) | {', '.join(f'`{n}`' for n in names)} |"
-            for m, names in sorted(imports(nb).items(), key=lambda kv: notebook_of(kv[0]))]
+    found = sorted((notebook_of(m), m, names) for m, names in imports(nb).items())  # in reading order
+    rows = [f"| `anymal.{m}` | [{f[:-6]}](../nbs/{f}) | {', '.join(f'`{n}`' for n in names)} |" for f, m, names in found]
     return "\n".join([f"{MARK} Every function this lesson calls is built, explained and tested in a notebook of `nbs/`",
                       "(the library's source); open it to see how a piece works inside.", "",
                       "| module | notebook | what this lesson uses |", "|---|---|---|", *rows])
