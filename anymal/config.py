@@ -211,6 +211,7 @@ class StandinsConfig:
     lm_pairs: str = "train"        # colour-shape pairs of the text-only scenes: "train" (the held-out ones never, as in
                                    # the train images) or "all" (a real LLM has read every pair; only images hold them out)
     lm_bf16: bool = False  # bf16 autocast where the CPU has native bf16 (as train.cpu_bf16)
+    lm_probe_every: int = 0  # every this many steps, log how well it reads (anymal.standins.reading_probe); 0: never
     lm_format: str = "chat"  # "chat": the world's text in the stages' chat form; "plain": text/lm_{split}.txt lines
     lm_targets: str = (
         "assistant"  # chat only: "assistant" trains on the answers (the reading skill), "all" on every token
@@ -288,6 +289,7 @@ def tiny() -> Config:
             lm_scenes=16000,  # text-only scenes it cannot recall, only read (text probe 71.1% -> 78.9%)
             lm_block=160,  # just longer than its longest document (158): attention costs a row's square
             lm_bf16=True,  # as train.cpu_bf16: 0.258 -> 0.184 s a step at 2 threads
+            lm_probe_every=100,  # its reading, in its log: ~0.5 s a probe, and the lesson on reading plots it
         ),
         # stage 1 long and fast (shorter or slower runs left the bridge unable to see shapes); stage 2 at 2e-3 for
         # the resampler and LoRA alike (5e-3 learned more slowly)
@@ -384,6 +386,7 @@ RULES = {  # config key -> what its value must be (one line per key; a key witho
     "standins.lm_scenes": COUNT,
     "standins.lm_per_type": COUNT,
     "standins.lm_pairs": one_of("train", "all"),
+    "standins.lm_probe_every": at_least(0, "0: never"),
     "standins.lm_format": one_of("chat", "plain"),
     "standins.lm_targets": one_of("assistant", "all"),
     "standins.warmup": COUNT,

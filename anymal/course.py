@@ -1,4 +1,4 @@
-"""What the lessons share: an exercise's check line, parameter counts, a one-thread block for tiny matrices, and no progress bars.
+"""What the lessons share: an exercise's check line, parameter counts, a one-thread block for tiny matrices, no progress bars, and the course's model, built once and found again.
 
 Docs: https://anymal-course.github.io/anymal/course.html.md"""
 
@@ -6,13 +6,17 @@ Docs: https://anymal-course.github.io/anymal/course.html.md"""
 
 # %% ../nbs/29_course.ipynb #11243f85
 from __future__ import annotations
-import contextlib, io
+import contextlib, io, os
+from pathlib import Path
 from typing import Callable, Iterator
 import torch
 from torch import nn
+from .config import Config, override, stage_config, tiny
+from .standins import with_standins
+from .demo import cached_stage, shared_world
 
 # %% auto #0
-__all__ = ['check', 'n_params', 'threads', 'quiet']
+__all__ = ['check', 'n_params', 'threads', 'quiet', 'course_config', 'course_run']
 
 # %% ../nbs/29_course.ipynb #ce27052f
 def check(ok: bool, # whether the exercise's answer is right
@@ -50,3 +54,22 @@ def quiet(fn: Callable | None = None, # a call to make without its printed outpu
     if fn is None: return None
     with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
         return fn(*args, **kwargs)
+
+# %% ../nbs/29_course.ipynb #6143fdd7
+def course_config(seed: int = 0, # every seed, as `anymal demo --seed`: the world's, initialisation, data order
+                  sets=(), # further `key=value` overrides (a lesson's variant)
+                  parts=("clip", "llm"), # the stand-ins to find or train (none: just the world)
+                 ) -> Config:
+    "The course's model: `tiny()`, the recipe `anymal demo` trains, with its world and stand-ins in the cache."
+    cfg = shared_world(override(tiny(), [f"train.seed={seed}", f"data.world_seed={seed}", *sets]))
+    return with_standins(cfg, progress=False, parts=parts) if parts else cfg
+
+def course_run(cfg: Config, # `course_config(...)`, stand-ins included
+               stage: int, # 1 or 2 (stage 2 starts from `course_run(cfg, 1)`)
+               sets=(), # overrides of this stage only
+               procs: int | None = None, # as `anymal demo --procs` (default: 2 where there are 2 cores, as the demo)
+              ) -> Path:
+    "The run folder of the course model's stage `stage`: the demo's or an earlier lesson's if cached, else trained now."
+    extra = [f"train.init_from={course_run(cfg, 1, procs=procs)}"] if stage == 2 else []
+    c = stage_config(cfg, stage, [*extra, *sets])
+    return cached_stage(c, procs or min(2, os.cpu_count() or 1), progress=False)

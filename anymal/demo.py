@@ -9,32 +9,20 @@ from __future__ import annotations
 import argparse, hashlib, json, os, platform, sys, time
 from pathlib import Path
 import torch
-from .config import (Config, ConfigError, add_config_args, positive_int, preset, from_dict, from_json, override,
+from .config import (Config, ConfigError, UserError, add_config_args, positive_int, preset, from_dict, from_json, override,
                            stage_config, tiny, to_dict)
 from .metrics import evaluate_vqa
 from .plots import plot_curves, plot_accuracy, plot_accuracy_curve
 from .standins import with_standins
 from .stages import build_stage, run_stage, torchrun_stage
 from .trainer import cpu_has_bf16
-from .world import ensure_world
+from .world import ensure_world, world_info
+import anymal.world as world_module
+from .cache import DONE, cache_root, cached, file_lock
 
 # %% auto #0
-__all__ = ['LESSON_SETS', 'lesson_config', 'MemoEncoder', 'memo_assistant', 'score_vqa', 'machine', 'train_procs', 'demo',
-           'accuracy_curve', 'demo_main']
-
-# %% ../nbs/21_demo.ipynb #14822fa6
-LESSON_SETS = ["data.world_images=1000", "data.world_val_images=150",  # a quarter of the demo's world
-               "standins.clip_steps=60", "standins.clip_batch=128", "standins.lm_steps=120", "standins.lm_batch=16",
-               # cheaper than `tiny()`, and weaker: 8-pixel patches, no bf16, a LLaMA that does not learn lookup
-               "vision.patch_size=8", "standins.clip_lr=1e-3", "standins.lm_lr=3e-3", "standins.lm_scenes=0",
-               "standins.lm_block=256", "standins.lm_bf16=false", "train.cpu_bf16=false", "llm.attn=sdpa"]
-
-def lesson_config(root, # where the lesson's world goes
-                  pretrained: bool = True, # also fill in the (cached) tiny CLIP and LLaMA
-                  sets=()) -> Config: # further overrides
-    "The tiny config the lessons share: `LESSON_SETS` over `tiny()`, its world at `root`, optionally pretrained parts."
-    cfg = ensure_world(override(tiny(), [*LESSON_SETS, *sets]), root)
-    return with_standins(cfg, progress=False) if pretrained else cfg
+__all__ = ['RUNS_VERSION', 'MemoEncoder', 'memo_assistant', 'score_vqa', 'machine', 'train_procs', 'demo', 'run_key',
+           'cached_stage', 'shared_world', 'accuracy_curve', 'demo_main']
 
 # %% ../nbs/21_demo.ipynb #591d8041
 class MemoEncoder(torch.nn.Module):
@@ -108,16 +96,17 @@ def train_procs(
     procs: int = 2,  # local CPU processes (torchrun, gloo); 1 trains in this process
     threads: int | None = None,  # torch threads of each process (default: this process's, divided by `procs`)
     progress: bool = True,
+    resume: bool = False,  # continue the run in `train.out_dir` from its latest checkpoint
 ) -> Path:
     "`run_stage(cfg)` as `procs` local processes under torchrun (DDP over gloo), or in this process when `procs` is 1."
-    if procs <= 1: return run_stage(cfg, progress=progress)
+    if procs <= 1: return run_stage(cfg, resume=resume, progress=progress)
     bs = cfg.train.batch_size
     if bs % procs: raise ConfigError(f"train.batch_size={bs} does not split evenly over {procs} processes")
     c = override(cfg, [f"train.batch_size={bs // procs}"])  # per process: the global batch stays `bs`
     if c.train.cache_features:
         build_stage(c, progress)  # the images' features, encoded here once with all our threads (cached)
     threads = threads or max(1, torch.get_num_threads() // procs)
-    return torchrun_stage(c, procs, progress=progress, env={"OMP_NUM_THREADS": str(threads)})
+    return torchrun_stage(c, procs, resume=resume, progress=progress, env={"OMP_NUM_THREADS": str(threads)})
 
 def demo(base: Config, # a preset (its `stage1`/`stage2` sections are the stages' recipes), then `sets`
          out, # output folder
@@ -137,11 +126,18 @@ def demo(base: Config, # a preset (its `stage1`/`stage2` sections are the stages
     cfg = with_standins(cfg, progress=progress)
     _phase("standins", t0, times, progress)
     runs, mine = {}, [x for x in sets if x.strip().startswith("train.")]  # `cfg` has the rest already
-    for s in (1, 2):  # the stage's own section of the config, its folder under `out`; the user's `train.*` sets win
-        extra = [f"train.out_dir={out / f'stage{s}'}"] + ([f"train.init_from={runs[1]}"] if s == 2 else [])
+    for s in (1, 2):  # the stage's own section of the config; the user's `train.*` sets win
+        extra = [f"train.init_from={runs[1]}"] if s == 2 else []
         c = stage_config(cfg, s, [*mine, *extra, *stage_sets.get(s, [])])
-        train_procs(c, procs, progress=progress)
-        runs[s] = Path(c.train.out_dir)
+        found = (cache_root() / "runs" / run_key(c) / DONE).exists()
+        runs[s] = cached_stage(c, procs, progress=progress)  # trained once, in the cache (a lesson finds it there)
+        link = out / f"stage{s}"  # the run, seen from the demo's folder
+        if link.is_dir() and not link.is_symlink():  # an earlier demo's own run folder: never deleted here
+            raise UserError(f"{link} is the run folder of an earlier demo (runs now live in the cache and "
+                            f"{link} links to one): move it away or choose another --out")
+        link.unlink(missing_ok=True)
+        link.symlink_to(runs[s], target_is_directory=True)
+        if found and progress: print(f"[demo] stage {s}: found in the cache ({runs[s]})", flush=True)
         _phase(f"stage{s}", t0, times, progress)
     a = memo_assistant(runs[2])
     ev = {
@@ -161,9 +157,51 @@ def demo(base: Config, # a preset (its `stage1`/`stage2` sections are the stages
                n_questions=ev["test"]["counts"]["overall"], seconds=round(time.time() - t0, 1),
                cpu_seconds=round(time.process_time(), 1), phase_seconds=times,
                machine=machine(), procs=procs, load_average=os.getloadavg(), started_at=t0, seed=cfg.train.seed,
-               checkpoints={f"stage{s}": str(r / "final") for s, r in runs.items()}, config=to_dict(cfg))
+               checkpoints={f"stage{s}": str(r / "final") for s, r in runs.items()}, config=to_dict(cfg),
+               runs={f"stage{s}": r.name for s, r in runs.items()})
     (out / "results.json").write_text(json.dumps(res, indent=1))
     return res
+
+# %% ../nbs/21_demo.ipynb #087bf059
+RUNS_VERSION = 1  # bump when training changes what the same config trains: old runs stop matching
+
+def _portable(v):
+    "A config value as a key sees it: a path inside the cache by its place there, anything else as it is."
+    if isinstance(v, dict): return {k: _portable(x) for k, x in v.items()}
+    if isinstance(v, str) and v.startswith("/"):
+        try: return "$ANYMAL_CACHE/" + str(Path(v).resolve().relative_to(cache_root().resolve()))
+        except ValueError: return v
+    return v
+
+def run_key(c: Config) -> str:
+    "`stage<s>-<hash>`: what decides a stage run of config `c`: the config (not where the run or the world lie), the world's content, code version."
+    d = to_dict(c)
+    d["train"].pop("out_dir")
+    d["data"] = {k: v for k, v in d["data"].items() if k not in ("root", "num_workers")}
+    what = dict(version=RUNS_VERSION, config=_portable(d), world=world_info(c.data.root))
+    return f"stage{c.train.stage}-{hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]}"
+
+def cached_stage(c: Config, # a stage config (`stage_config`); its `train.out_dir` is ignored
+                 procs: int = 1, # as `train_procs`
+                 progress: bool = True) -> Path:
+    "The run of `c`, trained once into `$ANYMAL_CACHE/runs/<run_key(c)>` and found there afterwards; returns the run folder."
+    name = run_key(c)
+    dst = cache_root() / "runs" / name
+    if (dst / DONE).exists(): return dst
+    with file_lock(cache_root() / "runs" / f"{name}.lock"):
+        if not (dst / DONE).exists():  # not built by another process while we waited
+            resume = dst.exists()  # an interrupted run continues from its last checkpoint
+            train_procs(override(c, [f"train.out_dir={dst}"]), procs, progress=progress, resume=resume)
+            (dst / DONE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S"))
+    return dst
+
+def shared_world(cfg: Config) -> Config:
+    "`cfg` pointed at its world in the cache (`$ANYMAL_CACHE/world-<hash>`), generated there once."
+    d = to_dict(cfg)["data"]
+    what = dict(data={k: v for k, v in d.items() if k.startswith("world_")}, vocab=cfg.llm.vocab_size,
+                code=hashlib.sha256(Path(world_module.__file__).read_bytes()).hexdigest())  # the generator itself
+    name = f"world-{hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]}"
+    return override(cfg, [f"data.root={cached(name, lambda tmp: ensure_world(cfg, tmp))}"])
 
 # %% ../nbs/21_demo.ipynb #7869e1fc
 def accuracy_curve(out, # a finished `demo` folder (with results.json)

@@ -6,7 +6,7 @@ Docs: https://anymal-course.github.io/anymal/standins.html.md"""
 
 # %% ../nbs/15_standins.ipynb #ea576eb6
 from __future__ import annotations
-import argparse, dataclasses, hashlib, json, random, shutil, time
+import argparse, collections, dataclasses, hashlib, json, random, shutil, time
 from pathlib import Path
 from typing import Callable
 import torch
@@ -32,13 +32,13 @@ from anymal.world import (
 )
 
 # %% auto #0
-__all__ = ['STANDINS_VERSION', 'LLM_SHAPE', 'VISION_SHAPE', 'KEY_OMITS_AT', 'cache_key', 'clip_text_ids', 'caption_pairs',
-           'load_pixels', 'clip_loss', 'train_tiny_clip', 'scene_chats', 'text_scenes', 'lm_documents', 'pack',
-           'doc_rows', 'lm_batches', 'lm_loss', 'train_tiny_llama', 'StandinsMissing', 'needs_standins',
-           'with_standins', 'standins_main']
+__all__ = ['STANDINS_VERSION', 'LLM_SHAPE', 'VISION_SHAPE', 'KEY_OMITS_AT', 'NOT_IN_KEY', 'cache_key', 'clip_text_ids',
+           'caption_pairs', 'load_pixels', 'clip_loss', 'train_tiny_clip', 'scene_chats', 'text_scenes', 'lm_documents',
+           'pack', 'doc_rows', 'lm_batches', 'reading_probe', 'lm_loss', 'train_tiny_llama', 'StandinsMissing',
+           'needs_standins', 'with_standins', 'standins_main']
 
 # %% ../nbs/15_standins.ipynb #163173b4
-STANDINS_VERSION = 2  # bump when the stand-ins' training code changes what it produces: old cache entries stop matching
+STANDINS_VERSION = 3  # bump when the stand-ins' training code changes what it produces: old cache entries stop matching
 
 LLM_SHAPE = (
     "hidden",
@@ -59,6 +59,7 @@ def _sha(obj) -> str: return hashlib.sha256(json.dumps(obj, sort_keys=True).enco
 # standins fields added after caches were built: at these values they are left out of the key, so those caches stay
 # valid (they were built as these values build)
 KEY_OMITS_AT = {"lm_pairs": "train"}
+NOT_IN_KEY = {"lm_probe_every"}  # what only the entry's log sees, not its weights
 
 def cache_key(kind: str, # "clip" or "llm"
               cfg: Config, world_root, tokenizer_dir) -> str:
@@ -69,7 +70,7 @@ def cache_key(kind: str, # "clip" or "llm"
         k: v
         for k, v in d["standins"].items()
         if (k.startswith({"clip": "clip_", "llm": "lm_"}[kind]) or k in ("warmup",))
-        and not (k in KEY_OMITS_AT and v == KEY_OMITS_AT[k])
+        and not (k in KEY_OMITS_AT and v == KEY_OMITS_AT[k]) and k not in NOT_IN_KEY
     }
     tok = hashlib.sha256((Path(tokenizer_dir) / "tokenizer.json").read_bytes()).hexdigest()[:16]
     what = dict(kind=kind, version=STANDINS_VERSION, shape=shape, standins=pre, seed=cfg.train.seed,
@@ -230,6 +231,32 @@ def lm_batches(docs: list[tuple[list[int], list[int]]], p, pad_id: int, seed: in
 
     return draw
 
+# %% ../nbs/15_standins.ipynb #cd87c05a
+def reading_probe(root, # a world folder (its test split's scenes are asked about)
+                  cfg: Config, tok, scenes: int = 100) -> Callable:
+    "`probe(model) -> {type: %, 'all': %}`: exact answers to the first `scenes` test scenes' questions, each after the scene's description (no image)."
+    recs = json.loads((Path(root) / "scenes" / "test.json").read_text())["scenes"][:scenes]
+    qs = [(s["description"], q) for s in recs for q in s["qa"]]
+    encs = encode_chats(tok, [_chat(d, [(f"{q['question']}\n{cfg.data.vqa_prompt}", q["answer"])]) for d, q in qs])
+    T = max(len(e["input_ids"]) for e in encs)
+    ids = torch.tensor([e["input_ids"] + [tok.pad_token_id] * (T - len(e["input_ids"])) for e in encs])
+    labels = torch.tensor([e["labels"] + [-100] * (T - len(e["labels"])) for e in encs])[:, 1:]  # padded at the end: causal
+    types = [q["type"] for _, q in qs]
+
+    def probe(model) -> dict:
+        was, dev, ok = model.training, next(model.parameters()).device, []
+        model.eval()
+        with torch.no_grad():
+            for i in range(0, len(ids), 250):
+                pred = model(input_ids=ids[i:i + 250].to(dev)).logits[:, :-1].argmax(-1).cpu()
+                y = labels[i:i + 250]
+                ok += ((pred == y) | (y == -100)).all(1).tolist()
+        model.train(was)
+        by = collections.defaultdict(list)
+        for t, o in zip(types, ok): by[t].append(o)
+        return {t: round(100 * sum(v) / len(v), 1) for t, v in sorted(by.items())} | {"all": round(100 * sum(ok) / len(ok), 1)}
+    return probe
+
 # %% ../nbs/15_standins.ipynb #58f8c6f0
 def lm_loss(
     model,  # a `LlamaForCausalLM`
@@ -248,6 +275,7 @@ def train_tiny_llama(cfg: Config, world_root, tok, progress: bool = True, log: C
         raise ConfigError(f"llm.vocab_size={cfg.llm.vocab_size} < the tokenizer's {len(tok)} tokens")
     seed_all(cfg.train.seed)
     draw = lm_batches(lm_documents(world_root, cfg, tok), p, tok.pad_token_id, cfg.train.seed)
+    probe = reading_probe(world_root, cfg, tok) if log and p.lm_probe_every and p.lm_format == "chat" else None
     dev = torch.device(device or "cpu")
     model = random_llm(cfg.llm).to(dev).train()
     opt = torch.optim.AdamW(model.parameters(), lr=p.lm_lr, betas=(0.9, 0.95), weight_decay=0.1)
@@ -260,7 +288,10 @@ def train_tiny_llama(cfg: Config, world_root, tok, progress: bool = True, log: C
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        if log: log(dict(step=step + 1, loss=loss.item(), lr=sched.get_last_lr()[0]))
+        if log:
+            rec = dict(step=step + 1, loss=loss.item(), lr=sched.get_last_lr()[0])
+            if probe and ((step + 1) % p.lm_probe_every == 0 or step + 1 == p.lm_steps): rec["reading"] = probe(model)
+            log(rec)
     return model.cpu().eval()
 
 # %% ../nbs/15_standins.ipynb #f0fac6d5
@@ -290,7 +321,8 @@ def needs_standins(cfg: Config) -> bool:
 
 def with_standins(cfg: Config,
                   build: bool = True, # train the stand-ins that are not cached (False: a `StandinsMissing` error)
-                  progress: bool = True) -> Config:
+                  progress: bool = True,
+                  parts=("clip", "llm")) -> Config: # which of the two to fill in
     "`cfg` with the cached tiny CLIP (`vision.pretrained`) and tiny LLaMA (`llm.path`) filled in."
     if not needs_standins(cfg): return cfg
     root = Path(cfg.data.root)
@@ -298,7 +330,7 @@ def with_standins(cfg: Config,
     tok = load_tokenizer(cfg)  # the config's tokenizer (`llm.tokenizer`, else the world's)
     tdir = Path(tok.name_or_path)  # the folder it was read from
     out = dataclasses.replace(cfg)
-    for kind in ("clip", "llm"):
+    for kind in parts:
         if (kind == "clip" and cfg.vision.pretrained) or (kind == "llm" and cfg.llm.path): continue
         name = cache_key(kind, cfg, root, tdir)
         if not build and not (cache_root() / name / DONE).exists():
