@@ -15,7 +15,7 @@ from .config import Config, ConfigError, check_latents
 
 # %% auto #0
 __all__ = ['sincos_2d', 'add_pos2d', 'PerceiverAttention', 'feed_forward', 'PerceiverResampler', 'PatchPool', 'PatchTokens',
-           'mlp2x_gelu', 'Bridge', 'build_bridge']
+           'mlp2x_gelu', 'Bridge', 'build_bridge', 'bridge_text']
 
 # %% ../nbs/04_resampler.ipynb #4c20ded9
 def sincos_2d(grid: int, # side of the square patch grid
@@ -164,3 +164,15 @@ def build_bridge(cfg: Config) -> Bridge:
         return Bridge(PatchTokens(cfg.vision.num_patches), dv, cfg.llm.hidden, mlp2x_gelu(dv, cfg.llm.hidden))
     else: raise ConfigError(f"resampler.kind={r.kind!r}: choose 'perceiver', 'linear' or 'mlp'")
     return Bridge(body, dv, cfg.llm.hidden)
+
+# %% ../nbs/04_resampler.ipynb #a40bb43e
+def bridge_text(cfg: Config) -> str:
+    "`cfg`'s bridge in words: what it does with the patch tokens, how many tokens it yields, its projector."
+    r, dv, dl = cfg.resampler, cfg.vision.width, cfg.llm.hidden
+    if r.kind == "perceiver":
+        return f"a Perceiver Resampler ({r.layers} layers, {r.latents} latents) + LayerNorm + Linear {dv} -> {dl}"
+    if r.kind == "linear": return f"the patch grid average-pooled to {r.latents} tokens + LayerNorm + Linear {dv} -> {dl}"
+    if r.kind == "mlp":
+        return (f"every patch ({r.latents} tokens) through LLaVA-1.5's MLP: Linear {dv} -> {dl}, GELU, "
+                f"Linear {dl} -> {dl}")
+    raise ConfigError(f"resampler.kind={r.kind!r}: choose 'perceiver', 'linear' or 'mlp'")

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from anymal.config import RULES, ConfigError, check_config, from_dict, full, override, tiny, to_dict
 from anymal.cli import info_main
 from anymal.model import AnyMAL, describe
-from anymal.resampler import build_bridge
+from anymal.resampler import bridge_text, build_bridge
 
 MLP = ["resampler.kind=mlp", "resampler.latents=256"]  # 256 patches at both scales: 64 px / 4, 224 px / 14
 IMG, PAD, EOS = 5, 0, 2
@@ -104,3 +104,10 @@ def test_anymal_with_mlp_bridge_trains():
     grads = {n: p.grad for n, p in m.bridge.named_parameters()}
     assert grads and all(gr is not None and gr.abs().sum() > 0 for gr in grads.values()), grads.keys()
     assert all(p.grad is None for n, p in m.named_parameters() if not n.startswith("bridge."))  # stage 1: bridge only
+
+
+def test_bridge_text_names_each_kind():
+    assert bridge_text(override(full(), MLP)) == ("every patch (256 tokens) through LLaVA-1.5's MLP: Linear 1024 -> 4096, "
+                                                  "GELU, Linear 4096 -> 4096")
+    assert bridge_text(full()).startswith("a Perceiver Resampler (6 layers, 64 latents) + LayerNorm + Linear 1024 -> 4096")
+    assert "average-pooled to 16 tokens" in bridge_text(override(tiny(), ["resampler.kind=linear"]))
