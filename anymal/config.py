@@ -23,9 +23,9 @@ class DataError(UserError, ValueError):
 __all__ = ['BNB_CPU_LOGGER', 'BNB_KERNELS_MESSAGE', 'PRESETS', 'SIZE', 'COUNT', 'DROPOUT', 'BETAS', 'RULES', 'UserError',
            'ConfigError', 'DataError', 'quiet_bitsandbytes', 'VisionConfig', 'ResamplerConfig', 'LLMConfig',
            'LoRAConfig', 'DataConfig', 'TrainConfig', 'StandinsConfig', 'StageConfig', 'Config', 'for_stage', 'full',
-           'tiny', 'preset', 'Rule', 'at_least', 'above', 'between', 'one_of', 'check_config', 'to_dict', 'from_dict',
-           'read_json', 'to_json', 'from_json', 'override', 'stage_config', 'add_config_args', 'config_from_args',
-           'positive_int']
+           'tiny', 'preset', 'Rule', 'at_least', 'above', 'between', 'one_of', 'check_latents', 'check_config',
+           'to_dict', 'from_dict', 'read_json', 'to_json', 'from_json', 'override', 'stage_config', 'add_config_args',
+           'config_from_args', 'positive_int']
 
 # %% ../nbs/00_config.ipynb #7b99542f
 BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"  # the module that logs it: `logging.getLogger(__name__)`
@@ -78,10 +78,10 @@ class VisionConfig:
 class ResamplerConfig:
     "The trainable bridge from patch tokens to LLM input embeddings."
 
-    kind: str = (
-        "perceiver"  # "perceiver" (Flamingo-style Perceiver Resampler) or "linear" (per-token projector baseline)
+    kind: str = (  # "perceiver" (Flamingo's Perceiver Resampler), "linear" (pooled patches + a linear projection)
+        "perceiver"  # or "mlp" (LLaVA-1.5: every patch through a 2-layer MLP)
     )
-    latents: int = 64        # L: image tokens the LLM reads per image (AnyMAL uses 64)
+    latents: int = 64        # L: image tokens the LLM reads per image (AnyMAL uses 64; kind "mlp": the patch count)
     layers: int = 6          # Flamingo uses 6 resampler layers
     heads: int = 16          # at dim_head 64 this is the vision width 1024
     dim_head: int = 64       # standard head size
@@ -338,7 +338,7 @@ BETAS = Rule("must be two numbers in [0, 1)", lambda v: len(v) == 2 and all(_fin
 RULES = {  # config key -> what its value must be (one line per key; a key without a rule takes any value of its type)
     **{f"vision.{k}": SIZE for k in ("image_size", "patch_size", "width", "layers", "head_width", "embed_dim",
                                      "text_width", "text_layers", "text_heads", "context_length", "vocab_size")},
-    "resampler.kind": one_of("perceiver", "linear"),
+    "resampler.kind": one_of("perceiver", "linear", "mlp"),
     **{f"resampler.{k}": SIZE for k in ("latents", "layers", "heads", "dim_head", "ff_mult")},
     "resampler.pos_scale": at_least(0),
     "resampler.dropout": DROPOUT,
@@ -400,13 +400,22 @@ def _check(key: str, v):
     if rule is not None and not rule.ok(v): raise ConfigError(f"{key}={v!r}: {rule.text}")
     return v
 
+def check_latents(cfg: Config) -> Config:
+    "`cfg`, if `resampler.latents` is what its bridge yields: the `mlp` bridge yields one token per patch."
+    r, v = cfg.resampler, cfg.vision
+    if r.kind == "mlp" and r.latents != v.num_patches:
+        raise ConfigError(f"resampler.latents={r.latents}: resampler.kind='mlp' passes one token per patch, "
+                          f"{v.num_patches} here ((vision.image_size {v.image_size} // vision.patch_size "
+                          f"{v.patch_size})**2); set resampler.latents={v.num_patches}")
+    return cfg
+
 def check_config(cfg: Config) -> Config:
-    "`cfg`, if every value with a rule obeys it (for configs built directly; `from_dict` checks its input itself)."
+    "`cfg`, if every value obeys its rule and `check_latents` (for configs built directly; `from_dict` checks its own)."
     for key in RULES:
         v = cfg
         for part in key.split("."): v = getattr(v, part)
         _check(key, v)
-    return cfg
+    return check_latents(cfg)
 
 # %% ../nbs/00_config.ipynb #39e45214
 def to_dict(cfg) -> dict:
@@ -446,7 +455,7 @@ def from_dict(d: dict, cls=Config, prefix: str = ""):
             if not isinstance(v, dict): raise ConfigError(f"config key {key!r} expects a section (dict), got {v!r}")
             kw[k] = from_dict(v, tp, key + ".")
         else: kw[k] = _check(key, _coerce(key, tp, v))
-    return cls(**kw)
+    return check_latents(cls(**kw)) if cls is Config else cls(**kw)
 
 def read_json(path, what: str = "JSON") -> typing.Any:
     "The JSON in file `path`; a missing file or one that is not JSON is an error naming `what` and the path."

@@ -28,6 +28,7 @@ from .model import AnyMAL, is_lora
 from .checkpoint import WEIGHTS, atomic_dir, read_meta, resolve_checkpoint
 from .infer import Assistant, InputError, chat_main as infer_chat_main
 from .prepare import sha256_file
+from .resampler import bridge_text
 
 # %% auto #0
 __all__ = ['EXPORT_FORMAT', 'CONFIG', 'CARD', 'BRIDGE', 'ADAPTER_CONFIG', 'ADAPTER', 'PREPROCESSOR', 'BASE', 'MERGED',
@@ -254,7 +255,8 @@ def model_card(info: dict, # the export's config.json
     cfg, base, vis, t = from_dict(info["config"]), info["base_llm"], info["vision"], info["trained"]
     terms = llama_terms(base["llama"]) if base["llama"] else None
     adapter, world = info["files"]["adapter"] is not None, bool(cfg.data.world_images)
-    tags = ["anymal", "multimodal", "vision-language", "perceiver-resampler", "open_clip"]
+    bridge_tag = ["perceiver-resampler"] * (cfg.resampler.kind == "perceiver")
+    tags = ["anymal", "multimodal", "vision-language", *bridge_tag, "open_clip"]
     tags += ["lora", "peft"] * adapter + ["llama-3"] * bool(terms) + ["shapes-world"] * world
     meta = ModelCardData(base_model=base["id"], library_name="peft" if adapter else "anymal", license=info["license"],
                          tags=tags, datasets=list(info["datasets"]) or None, pipeline_tag="image-text-to-text",
@@ -272,14 +274,13 @@ def model_card(info: dict, # the export's config.json
     lines += [
         f"An [AnyMAL](https://arxiv.org/abs/2309.16058)-style vision-language model trained with "
         f"[anymal](https://github.com/anymal-course/anymal) {info['anymal_version']}: a frozen CLIP image encoder, a "
-        f"trained bridge (a {r.kind} resampler to {r.latents} image tokens, then a projection into the LLM's "
-        f"{llm.hidden}-wide embeddings) and a frozen LLM" + (f" with a LoRA adapter (r = {lc.r}, alpha = {lc.alpha}, "
+        f"trained bridge ({r.latents} image tokens per image in the LLM's {llm.hidden}-wide embeddings) and a frozen "
+        f"LLM" + (f" with a LoRA adapter (r = {lc.r}, alpha = {lc.alpha}, "
         f"on `{lc.targets}`)" if adapter else "") + ". It answers questions about images in a chat.", "",
         "## Model", "",
         "| part | what | trained |", "|---|---|---|",
         f"| image encoder | {clip}, {cfg.vision.image_size} px, {cfg.vision.num_tokens} tokens per image | frozen |",
-        f"| bridge | {r.kind} resampler ({r.layers} layers, {r.latents} latents) + LayerNorm + Linear "
-        f"{cfg.vision.width} -> {llm.hidden}, in `{BRIDGE}` | stages 1 and 2 |",
+        f"| bridge | {bridge_text(cfg)}, in `{BRIDGE}` | stages 1 and 2 |",
         f"| LLM | {base_text} ({llm.layers} layers, {llm.hidden} wide, vocabulary {llm.vocab_size:,}; "
         f"trained in {llm.quant if llm.quant != 'none' else llm.dtype}) | frozen |"]
     if adapter:

@@ -1,4 +1,4 @@
-"""The trainable bridge: any number of patch tokens in, always L latents out, projected to the LLM's width.
+"""The trainable bridge from patch tokens to the LLM's width: a Perceiver Resampler, pooled patches, or LLaVA's MLP.
 
 Docs: https://anymal-course.github.io/anymal/resampler.html.md"""
 
@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from einops import rearrange, repeat
-from .config import Config, ConfigError
+from .config import Config, ConfigError, check_latents
 
 # %% auto #0
-__all__ = ['sincos_2d', 'add_pos2d', 'PerceiverAttention', 'feed_forward', 'PerceiverResampler', 'PatchPool', 'Bridge',
-           'build_bridge']
+__all__ = ['sincos_2d', 'add_pos2d', 'PerceiverAttention', 'feed_forward', 'PerceiverResampler', 'PatchPool', 'PatchTokens',
+           'mlp2x_gelu', 'Bridge', 'build_bridge', 'bridge_text']
 
 # %% ../nbs/04_resampler.ipynb #4c20ded9
 def sincos_2d(grid: int, # side of the square patch grid
@@ -116,13 +116,34 @@ class PatchPool(nn.Module):
         x = torch.einsum("ln,bnD->blD", w, media)  # (b l D)
         return (x, repeat(w, "l n -> b 1 1 l n", b=media.shape[0])) if return_attn else x
 
+# %% ../nbs/04_resampler.ipynb #ff527a5f
+class PatchTokens(nn.Module):
+    "The MLP bridge's body: the patch tokens as they come, CLS dropped (one token per patch)."
+    def __init__(self, num_patches: int):
+        super().__init__()
+        self.num_tokens = num_patches
+
+    def forward(self, media: torch.Tensor, return_attn: bool = False):
+        P = media.shape[1] - 1
+        if P != self.num_tokens:
+            raise ValueError(f"the mlp bridge was built for {self.num_tokens} patches (+CLS), got {P}")
+        x = media[:, 1:]  # (b P D)
+        if not return_attn: return x
+        w = F.pad(torch.eye(P, dtype=media.dtype, device=media.device), (1, 0))  # (P, n): token i is patch i
+        return x, repeat(w, "l n -> b 1 1 l n", b=media.shape[0])
+
+def mlp2x_gelu(dim_in: int, dim_out: int) -> nn.Sequential:
+    "LLaVA-1.5's projector, applied to each token on its own: Linear(Dv, Dl) -> GELU -> Linear(Dl, Dl)."
+    return nn.Sequential(nn.Linear(dim_in, dim_out), nn.GELU(), nn.Linear(dim_out, dim_out))
+
 # %% ../nbs/04_resampler.ipynb #69928e91
 class Bridge(nn.Module):
-    "Body (resampler or pooling) then projector: `(N, 1+P, Dv)` -> `(N, L, Dl)` (+ attention maps if asked)."
-    def __init__(self, body: nn.Module, dim_in: int, dim_out: int):
+    "Body (resampler, pooling or patches) then projector: `(N, 1+P, Dv)` -> `(N, L, Dl)` (+ attention maps if asked)."
+    def __init__(self, body: nn.Module, dim_in: int, dim_out: int,
+                 proj: nn.Module | None = None): # per token, `dim_in` -> `dim_out`; None: LayerNorm + Linear
         super().__init__()
         self.body, self.num_tokens = body, body.num_tokens
-        self.proj = nn.Sequential(nn.LayerNorm(dim_in), nn.Linear(dim_in, dim_out))
+        self.proj = nn.Sequential(nn.LayerNorm(dim_in), nn.Linear(dim_in, dim_out)) if proj is None else proj
 
     def forward(self, media: torch.Tensor, return_attn: bool = False):
         if return_attn:
@@ -138,5 +159,20 @@ def build_bridge(cfg: Config) -> Bridge:
             dv, r.layers, r.latents, r.heads, r.dim_head, r.ff_mult, r.pos2d, r.pos_scale, r.dropout
         )
     elif r.kind == "linear": body = PatchPool(r.latents)
-    else: raise ConfigError(f"resampler.kind={r.kind!r}: choose 'perceiver' or 'linear'")
+    elif r.kind == "mlp":  # one token per patch: `resampler.latents` must be the patch count
+        check_latents(cfg)
+        return Bridge(PatchTokens(cfg.vision.num_patches), dv, cfg.llm.hidden, mlp2x_gelu(dv, cfg.llm.hidden))
+    else: raise ConfigError(f"resampler.kind={r.kind!r}: choose 'perceiver', 'linear' or 'mlp'")
     return Bridge(body, dv, cfg.llm.hidden)
+
+# %% ../nbs/04_resampler.ipynb #a40bb43e
+def bridge_text(cfg: Config) -> str:
+    "`cfg`'s bridge in words: what it does with the patch tokens, how many tokens it yields, its projector."
+    r, dv, dl = cfg.resampler, cfg.vision.width, cfg.llm.hidden
+    if r.kind == "perceiver":
+        return f"a Perceiver Resampler ({r.layers} layers, {r.latents} latents) + LayerNorm + Linear {dv} -> {dl}"
+    if r.kind == "linear": return f"the patch grid average-pooled to {r.latents} tokens + LayerNorm + Linear {dv} -> {dl}"
+    if r.kind == "mlp":
+        return (f"every patch ({r.latents} tokens) through LLaVA-1.5's MLP: Linear {dv} -> {dl}, GELU, "
+                f"Linear {dl} -> {dl}")
+    raise ConfigError(f"resampler.kind={r.kind!r}: choose 'perceiver', 'linear' or 'mlp'")

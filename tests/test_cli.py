@@ -54,6 +54,9 @@ PROBE = ("import sys; from anymal.cli import main; rc = main(sys.argv[1:]); "
     (["demo", "--stage2", "data.max_len=0"], "data.max_len=0: must be >= 1"),
     (["eval", "--checkpoint", "nowhere", "--set", "llm.quant=nf8"], "llm.quant='nf8': choose one of ['nf4', 'none']"),
     (["standins", "--set", "standins.lm_steps=-1"], "standins.lm_steps=-1: must be >= 0 (0: a random LLaMA)"),
+    (["train", "--set", "resampler.kind=mlp"], "resampler.latents=16: resampler.kind='mlp' passes one token per patch, "
+                                               "256 here ((vision.image_size 64 // vision.patch_size 4)**2); "
+                                               "set resampler.latents=256"),
 ])
 def test_config_ranges_are_checked_before_any_heavy_import(args, culprit):
     r = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True, timeout=120)

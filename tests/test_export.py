@@ -126,6 +126,8 @@ def test_model_card_of_a_tiny_export(made):
     assert "VQA accuracy (official VQAv2 metric, %)" in card and "| 61.2 |" in card and "| 22.5 |" in card
     assert "a blank image" in card and "**12 steps**" in card and "stage 1: **5 steps**" in card
     assert "shapes world" in card and "## Limitations" in card and "Llama" not in card
+    assert "| bridge | a Perceiver Resampler (2 layers, 16 latents) + LayerNorm + Linear 128 -> 128, in `bridge.safetensors`" in card
+    assert "perceiver-resampler" in front["tags"]
     assert not (made["out"] / "NOTICE").exists()
 
 
