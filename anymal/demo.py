@@ -125,11 +125,11 @@ def demo(base: Config, # a preset (its `stage1`/`stage2` sections are the stages
     _phase("world", t0, times, progress)
     cfg = with_standins(cfg, progress=progress)
     _phase("standins", t0, times, progress)
-    runs, mine = {}, [x for x in sets if x.strip().startswith("train.")]  # `cfg` has the rest already
+    runs, found, mine = {}, {}, [x for x in sets if x.strip().startswith("train.")]  # `cfg` has the rest already
     for s in (1, 2):  # the stage's own section of the config; the user's `train.*` sets win
         extra = [f"train.init_from={runs[1]}"] if s == 2 else []
         c = stage_config(cfg, s, [*mine, *extra, *stage_sets.get(s, [])])
-        found = (cache_root() / "runs" / run_key(c) / DONE).exists()
+        found[s] = (cache_root() / "runs" / run_key(c) / DONE).exists()
         runs[s] = cached_stage(c, procs, progress=progress)  # trained once, in the cache (a lesson finds it there)
         link = out / f"stage{s}"  # the run, seen from the demo's folder
         if link.is_dir() and not link.is_symlink():  # an earlier demo's own run folder: never deleted here
@@ -137,7 +137,7 @@ def demo(base: Config, # a preset (its `stage1`/`stage2` sections are the stages
                             f"{link} links to one): move it away or choose another --out")
         link.unlink(missing_ok=True)
         link.symlink_to(runs[s], target_is_directory=True)
-        if found and progress: print(f"[demo] stage {s}: found in the cache ({runs[s]})", flush=True)
+        if found[s] and progress: print(f"[demo] stage {s}: found in the cache ({runs[s]})", flush=True)
         _phase(f"stage{s}", t0, times, progress)
     a = memo_assistant(runs[2])
     ev = {
@@ -158,7 +158,7 @@ def demo(base: Config, # a preset (its `stage1`/`stage2` sections are the stages
                cpu_seconds=round(time.process_time(), 1), phase_seconds=times,
                machine=machine(), procs=procs, load_average=os.getloadavg(), started_at=t0, seed=cfg.train.seed,
                checkpoints={f"stage{s}": str(r / "final") for s, r in runs.items()}, config=to_dict(cfg),
-               runs={f"stage{s}": r.name for s, r in runs.items()})
+               runs={f"stage{s}": r.name for s, r in runs.items()}, found_in_cache={f"stage{s}": f for s, f in found.items()})
     (out / "results.json").write_text(json.dumps(res, indent=1))
     return res
 
@@ -176,7 +176,8 @@ def _portable(v):
 def run_key(c: Config) -> str:
     "`stage<s>-<hash>`: what decides a stage run of config `c`: the config (not where the run or the world lie), the world's content, code version."
     d = to_dict(c)
-    d["train"].pop("out_dir")
+    for k in ("out_dir", "keep_last"): d["train"].pop(k)  # where it is written, and how many checkpoints stay there
+    d.pop(f"stage{3 - c.train.stage}", None)  # the other stage's recipe (stage 2 depends on stage 1 through init_from)
     d["data"] = {k: v for k, v in d["data"].items() if k not in ("root", "num_workers")}
     what = dict(version=RUNS_VERSION, config=_portable(d), world=world_info(c.data.root))
     return f"stage{c.train.stage}-{hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]}"
@@ -307,9 +308,14 @@ def demo_main(argv: list[str] | None = None) -> int:
         "phase_seconds",
         "seed",
         "machine",
+        "found_in_cache",
     )
     print(json.dumps({k: res[k] for k in keys}), flush=True)
-    if args.curve:
+    if args.curve and res["found_in_cache"]["stage2"]:
+        print("[demo] --curve skipped: stage 2 was found in the cache (an earlier run trained it), so its checkpoints' "
+              "times are not this run's; `ANYMAL_CACHE=<an empty folder> anymal demo --curve` times a run from nothing",
+              file=sys.stderr)
+    elif args.curve:
         for row in accuracy_curve(args.out, args.curve_limit, not args.no_progress):
             print(
                 json.dumps(

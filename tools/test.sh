@@ -39,11 +39,13 @@ fi
 step "library notebooks (nbdev-test nbs)"
 # 2 notebooks at a time on 2 cores: one thread each, or they thrash (a tiny matmul goes from 0.01 ms to 20 ms)
 OMP_NUM_THREADS=1 "$BIN/nbdev-test" nbs --timing
-step "lessons (nbdev-test, executed copies with their plots saved under runs/lessons/)"
+step "lessons, in order (nbdev-test, executed copies with their plots saved under runs/lessons/)"
 if compgen -G "lessons/[!_]*.ipynb" >/dev/null; then
-  # run copies, not the sources: --save writes each executed notebook (outputs and figures) back to its copy
+  # run copies, not the sources: --save writes each executed notebook (outputs and figures) back to its copy.
+  # One at a time, in reading order, with every core: each lesson builds the course's model where the one before
+  # left it (the cache), and trains its part with the threads and processes `anymal demo` would use.
   rm -rf runs/lessons && mkdir -p runs/lessons && cp lessons/[!_]*.ipynb runs/lessons/
-  OMP_NUM_THREADS=1 "$BIN/nbdev-test" runs/lessons --timing --save
+  "$BIN/nbdev-test" runs/lessons --timing --save --n-workers 0
 else echo "no lessons yet"; fi
 
 step "pytest"
