@@ -6,7 +6,7 @@ Docs: https://anymal-course.github.io/anymal/course.html.md"""
 
 # %% ../nbs/29_course.ipynb #11243f85
 from __future__ import annotations
-import contextlib, io, os
+import contextlib, io, json, os
 from pathlib import Path
 from typing import Callable, Iterator
 import torch
@@ -14,9 +14,11 @@ from torch import nn
 from .config import Config, override, stage_config, tiny
 from .standins import with_standins
 from .demo import cached_stage, shared_world
+from .infer import Assistant
+from .evaluate import evaluate, eval_files
 
 # %% auto #0
-__all__ = ['check', 'n_params', 'threads', 'quiet', 'course_config', 'course_run']
+__all__ = ['EVAL_VERSION', 'check', 'n_params', 'threads', 'quiet', 'course_config', 'course_run', 'course_eval']
 
 # %% ../nbs/29_course.ipynb #ce27052f
 def check(ok: bool, # whether the exercise's answer is right
@@ -73,3 +75,27 @@ def course_run(cfg: Config, # `course_config(...)`, stand-ins included
     extra = [f"train.init_from={course_run(cfg, 1, procs=procs)}"] if stage == 2 else []
     c = stage_config(cfg, stage, [*extra, *sets])
     return cached_stage(c, procs or min(2, os.cpu_count() or 1), progress=False)
+
+# %% ../nbs/29_course.ipynb #f85e5513
+EVAL_VERSION = 1  # bump when answering or scoring changes: older saved scores are then asked again
+
+def course_eval(cfg: Config, # `course_config(...)`: the world whose questions are asked
+                run, # a stage-2 run folder (`course_run`)
+                split: str = "test", # the world's VQA split: "test", "val" or "heldout"
+                controls=("none",), # any of `anymal.metrics.CONTROLS`
+                limit: int | None = None, # only the first `limit` questions
+               ) -> dict:
+    "`{control: VQA scores with each question's answer}` of the run's model on `split`: computed once, kept in the run folder."
+    run, out = Path(run), {}
+    path = lambda c: run / "eval" / f"course{EVAL_VERSION}_{split}_{c}_{limit or 'all'}.json"
+    todo = [c for c in controls if not path(c).exists()]
+    if todo:
+        asst = Assistant.from_checkpoint(run, device="cpu")
+        r = quiet(evaluate, asst, eval_files(cfg.data.root, split), controls=tuple(todo), limit=limit, batch_size=64,
+                  max_new_tokens=8)["vqa_results"]
+        for c in todo:
+            path(c).parent.mkdir(exist_ok=True)
+            tmp = path(c).with_name(path(c).name + ".tmp")
+            tmp.write_text(json.dumps(r[c]))
+            os.replace(tmp, path(c))  # whole or not at all
+    return {c: json.loads(path(c).read_text()) for c in controls}  # as saved: the same whether computed now or before
