@@ -289,7 +289,7 @@ def tiny() -> Config:
             lm_scenes=16000,  # text-only scenes it cannot recall, only read (text probe 71.1% -> 78.9%)
             lm_block=160,  # just longer than its longest document (158): attention costs a row's square
             lm_bf16=True,  # as train.cpu_bf16: 0.258 -> 0.184 s a step at 2 threads
-            lm_probe_every=100,  # its reading, in its log: ~0.5 s a probe, and the lesson on reading plots it
+            lm_probe_every=100,  # how well it reads, every 100 steps, in its log (lesson 4b plots it)
         ),
         # stage 1 long and fast (shorter or slower runs left the bridge unable to see shapes); stage 2 at 2e-3 for
         # the resampler and LoRA alike (5e-3 learned more slowly)

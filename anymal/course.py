@@ -86,7 +86,7 @@ def course_eval(cfg: Config, # `course_config(...)`: the world whose questions a
                 limit: int | None = None, # only the first `limit` questions
                ) -> dict:
     "`{control: VQA scores with each question's answer}` of the run's model on `split`: computed once, kept in the run folder."
-    run, out = Path(run), {}
+    run = Path(run)
     path = lambda c: run / "eval" / f"course{EVAL_VERSION}_{split}_{c}_{limit or 'all'}.json"
     todo = [c for c in controls if not path(c).exists()]
     if todo:
