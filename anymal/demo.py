@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse, hashlib, json, os, platform, sys, time
 from pathlib import Path
 import torch
-from .config import (Config, ConfigError, UserError, add_config_args, positive_int, preset, from_dict, from_json, override,
-                           stage_config, tiny, to_dict)
+from .config import (Config, ConfigError, UserError, add_config_args, positive_int, preset, from_dict, from_json,
+                           override, stage_config, tiny, to_dict)
 from .metrics import evaluate_vqa
 from .plots import plot_curves, plot_accuracy, plot_accuracy_curve
 from .standins import with_standins
@@ -158,7 +158,8 @@ def demo(base: Config, # a preset (its `stage1`/`stage2` sections are the stages
                cpu_seconds=round(time.process_time(), 1), phase_seconds=times,
                machine=machine(), procs=procs, load_average=os.getloadavg(), started_at=t0, seed=cfg.train.seed,
                checkpoints={f"stage{s}": str(r / "final") for s, r in runs.items()}, config=to_dict(cfg),
-               runs={f"stage{s}": r.name for s, r in runs.items()}, found_in_cache={f"stage{s}": f for s, f in found.items()})
+               runs={f"stage{s}": r.name for s, r in runs.items()},
+               found_in_cache={f"stage{s}": f for s, f in found.items()})
     (out / "results.json").write_text(json.dumps(res, indent=1))
     return res
 

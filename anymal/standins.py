@@ -254,7 +254,8 @@ def reading_probe(root, # a world folder (its test split's scenes are asked abou
         model.train(was)
         by = collections.defaultdict(list)
         for t, o in zip(types, ok): by[t].append(o)
-        return {t: round(100 * sum(v) / len(v), 1) for t, v in sorted(by.items())} | {"all": round(100 * sum(ok) / len(ok), 1)}
+        pct = lambda v: round(100 * sum(v) / len(v), 1)
+        return {t: pct(v) for t, v in sorted(by.items())} | {"all": pct(ok)}
     return probe
 
 # %% ../nbs/15_standins.ipynb #58f8c6f0
@@ -290,7 +291,8 @@ def train_tiny_llama(cfg: Config, world_root, tok, progress: bool = True, log: C
         sched.step()
         if log:
             rec = dict(step=step + 1, loss=loss.item(), lr=sched.get_last_lr()[0])
-            if probe and ((step + 1) % p.lm_probe_every == 0 or step + 1 == p.lm_steps): rec["reading"] = probe(model)
+            if probe and ((step + 1) % p.lm_probe_every == 0 or step + 1 == p.lm_steps):
+                rec["reading"] = probe(model)
             log(rec)
     return model.cpu().eval()
 
