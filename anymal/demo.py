@@ -129,8 +129,9 @@ def demo(base: Config, # a preset (its `stage1`/`stage2` sections are the stages
     for s in (1, 2):  # the stage's own section of the config; the user's `train.*` sets win
         extra = [f"train.init_from={runs[1]}"] if s == 2 else []
         c = stage_config(cfg, s, [*mine, *extra, *stage_sets.get(s, [])])
-        found[s] = (cache_root() / "runs" / run_key(c) / DONE).exists()
+        asked = time.time()
         runs[s] = cached_stage(c, procs, progress=progress)  # trained once, in the cache (a lesson finds it there)
+        found[s] = (runs[s] / DONE).stat().st_mtime < asked  # done before we asked: an earlier run trained it
         link = out / f"stage{s}"  # the run, seen from the demo's folder
         if link.is_dir() and not link.is_symlink():  # an earlier demo's own run folder: never deleted here
             raise UserError(f"{link} is the run folder of an earlier demo (runs now live in the cache and "

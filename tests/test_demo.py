@@ -30,6 +30,7 @@ def test_reduced_demo(tmp_path):
     assert (res["vqa_accuracy"], res["vqa_accuracy_normalised"]) == (metrics["overall"], metrics["overall_normalised"])
     assert res["blind_vqa_accuracy_normalised"] is not None and res["vqa_instruction"] == metrics["instruction"]
     # --procs 2: each stage trained under torchrun as 2 processes, the global batch of 32 split 16 + 16
+    assert res["found_in_cache"] == {"stage1": False, "stage2": False}, res["found_in_cache"]  # trained by this demo
     assert res["procs"] == 2 and json.loads((out / "stage1" / "launch_config.json").read_text())["train"]["batch_size"] == 16
     for f in ("loss_stage1.png", "loss_stage2.png", "vqa_accuracy.png", "stage1/metrics.jsonl", "stage2/metrics.jsonl",
               "stage2/final/trainable.safetensors", "eval/vqa_test_none.json", "eval/vqa_test_blank.json", "world/world.json"):

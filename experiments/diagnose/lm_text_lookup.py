@@ -7,10 +7,10 @@ test-scene text QA (description in context). Or score one already pretrained (a 
 Ported to today's library (anymal.standins, anymal.trainer, `standins.*`) for "Three seeds of the recipe"; the rows of
 docs/tiny-recipe.md before that section ran the versions before it (experiments/README.md).
 """
-import json, sys, time, random, collections, dataclasses, torch
+import json, sys, time, torch
 from anymal.config import tiny, override
-from anymal.tokenizer import load_tokenizer, encode_chat
-from anymal.standins import lm_documents, lm_batches, _schedule, _chat
+from anymal.tokenizer import load_tokenizer
+from anymal.standins import lm_documents, lm_batches, _schedule, reading_probe
 from anymal.llm import random_llm
 from anymal.trainer import autocast_for
 torch.set_num_threads(1); torch.manual_seed(0)
@@ -23,25 +23,7 @@ if not score:  # the training documents, only to train
     docs = lm_documents(W, cfg, tok)
     draw = lm_batches(docs, cfg.standins, tok.pad_token_id, 0)
     print("docs", len(docs), "rows", cfg.standins.lm_rows, flush=True)
-VP = cfg.data.vqa_prompt
-sc = json.load(open(f"{W}/scenes/test.json"))["scenes"][:150]
-ev = []
-for s in sc:
-    for q in s["qa"]:
-        e = encode_chat(tok, _chat(s["description"], [(f"{q['question']}\n{VP}", q["answer"])]), 1)
-        ev.append((e["input_ids"], e["labels"], q["type"]))
-T = max(len(e[0]) for e in ev)
-EI = torch.tensor([e[0] + [0] * (T - len(e[0])) for e in ev]); EL = torch.tensor([e[1] + [-100] * (T - len(e[1])) for e in ev])
-EI, EL = EI.to(dev), EL.to(dev)
-def evaluate(m):
-    m.eval(); ok = []
-    with torch.no_grad():
-        for i in range(0, len(EI), 250):
-            lg = m(input_ids=EI[i:i+250]).logits[:, :-1].argmax(-1); lb = EL[i:i+250, 1:]
-            ok += (((lg == lb) | (lb == -100)).all(1)).tolist()
-    m.train(); c = collections.defaultdict(list)
-    for (_, _, t), o in zip(ev, ok): c[t].append(o)
-    return {t: round(100 * sum(v) / len(v), 1) for t, v in c.items()} | {"all": round(100 * sum(ok) / len(ok), 1)}
+evaluate = reading_probe(W, cfg, tok, scenes=150)  # the library's probe (anymal.standins), on the first 150 test scenes
 if score:
     from transformers import LlamaForCausalLM
     m = LlamaForCausalLM.from_pretrained(sys.argv[3]).to(dev)
