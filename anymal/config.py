@@ -22,10 +22,10 @@ class DataError(UserError, ValueError):
 # %% auto #0
 __all__ = ['BNB_CPU_LOGGER', 'BNB_KERNELS_MESSAGE', 'PRESETS', 'SIZE', 'COUNT', 'DROPOUT', 'BETAS', 'RULES', 'UserError',
            'ConfigError', 'DataError', 'quiet_bitsandbytes', 'VisionConfig', 'ResamplerConfig', 'LLMConfig',
-           'LoRAConfig', 'DataConfig', 'TrainConfig', 'StandinsConfig', 'StageConfig', 'Config', 'for_stage', 'full',
-           'tiny', 'preset', 'Rule', 'at_least', 'above', 'between', 'one_of', 'check_latents', 'check_config',
-           'to_dict', 'from_dict', 'read_json', 'to_json', 'from_json', 'override', 'stage_config', 'add_config_args',
-           'config_from_args', 'positive_int']
+           'LoRAConfig', 'AudioConfig', 'VideoConfig', 'DataConfig', 'TrainConfig', 'StandinsConfig', 'StageConfig',
+           'Config', 'for_stage', 'full', 'tiny', 'preset', 'Rule', 'at_least', 'above', 'between', 'one_of',
+           'check_latents', 'check_config', 'to_dict', 'from_dict', 'read_json', 'to_json', 'from_json', 'override',
+           'stage_config', 'add_config_args', 'config_from_args', 'positive_int']
 
 # %% ../nbs/00_config.ipynb #7b99542f
 BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"  # the module that logs it: `logging.getLogger(__name__)`
@@ -122,6 +122,32 @@ class LoRAConfig:
     alpha: int = 16  # QLoRA paper
     dropout: float = 0.05  # QLoRA used 0.1 up to 13B and 0.05 for 33-65B; a little regularisation, cheap to turn off
     targets: str = "all-linear"    # every linear layer of the LLM except lm_head, as QLoRA recommends
+
+# %% ../nbs/00_config.ipynb #e43650de
+@dataclass
+class AudioConfig:
+    "The frozen audio encoder (CLAP's audio tower, or a tiny one) and its linear bridge; off unless `enabled`."
+    enabled: bool = False      # off: nothing audio is built, and run keys leave the section out (old caches stay valid)
+    model: str = "clap"        # "clap": CLAP's HTSAT audio tower (transformers); "tiny": log-mel + a small transformer
+    path: str = "laion/clap-htsat-unfused"  # the paper's CLAP: a hub id in the HF cache or a folder; "" = random
+    sample_rate: int = 48000   # CLAP was trained on 48 kHz audio
+    seconds: float = 10.0      # a clip is padded or cut to this: CLAP's 10 s
+    n_mels: int = 64           # mel bins of the log-mel spectrogram (CLAP's HTSAT: 64)
+    n_fft: int = 1024          # STFT window (CLAP: 1024 samples, 21 ms)
+    hop: int = 480             # STFT hop (CLAP: 10 ms at 48 kHz, 1001 frames in 10 s)
+    width: int = 768           # Da, the tower's token width (HTSAT's last stage: 96 * 2**3 = 768)
+    layers: int = 2            # "tiny" tower depth (CLAP's depth is HTSAT's own: 2, 2, 6, 2 Swin blocks)
+    heads: int = 4             # "tiny" tower heads
+    patch: int = 4             # "tiny" tower: spectrogram frames per token
+    tokens: int = 32           # LLM tokens per clip: the paper's 32, from one linear layer
+
+# %% ../nbs/00_config.ipynb #42052f13
+@dataclass
+class VideoConfig:
+    "Video: frames through the image encoder, then a Perceiver Resampler with a per-frame time embedding."
+    enabled: bool = False      # off: nothing video is built, and run keys leave the section out (old caches stay valid)
+    frames: int = 8            # frames sampled per clip (8 at full scale; the time embedding has one row per frame)
+    tokens: int = 32           # LLM tokens per clip: 32, as for audio (the resampler's depth and heads: `resampler`)
 
 # %% ../nbs/00_config.ipynb #a96f6cf2
 @dataclass
@@ -238,6 +264,8 @@ class Config:
     resampler: ResamplerConfig = field(default_factory=ResamplerConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    audio: AudioConfig = field(default_factory=AudioConfig)  # off unless enabled
+    video: VideoConfig = field(default_factory=VideoConfig)  # off unless enabled
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     standins: StandinsConfig = field(default_factory=StandinsConfig)
@@ -257,6 +285,7 @@ def full() -> Config:
     c = Config(preset="full", stage1=StageConfig(out_dir="runs/full/stage1"),
                stage2=StageConfig(out_dir="runs/full/stage2", init_from="runs/full/stage1", lr=1e-5))
     c.llm.path = "meta-llama/Meta-Llama-3-8B-Instruct"
+    c.audio.enabled = c.video.enabled = True  # the paper's any-modality model: CLAP audio, 8-frame video
     c.train.mode = (
         "small"  # issue 9: less than half the memory of the standard QLoRA recipe, and no slower (docs/performance.md)
     )
@@ -276,6 +305,9 @@ def tiny() -> Config:
                       max_positions=256, rope_theta=10000.0, quant="none", dtype="float32", grad_ckpt=False,
                       attn="eager"),  # rows of ~160 tokens: plain matmul attention beats SDPA's CPU kernel
         lora=LoRAConfig(r=64, alpha=64, dropout=0.0),  # half the width: at this size LoRA is nearly full fine-tuning
+        audio=AudioConfig(model="tiny", path="", sample_rate=16000, seconds=1.0, n_mels=32, n_fft=400, hop=160,
+                          width=64, layers=1, heads=2, tokens=8),  # off: the shapes world has no sounds yet
+        video=VideoConfig(frames=4, tokens=8),  # off: the shapes world does not move yet
         data=DataConfig(root="data/world", max_len=160, num_workers=0, world_images=4000, world_val_images=500),
         train=TrainConfig(batch_size=32, grad_accum=1, warmup=20, eval_every=100, eval_batches=4, log_every=10,
                           cache_features=True,  # the tower is frozen: encode each image once
@@ -349,6 +381,11 @@ RULES = {  # config key -> what its value must be (one line per key; a key witho
     "llm.quant": one_of("nf4", "none"),
     "llm.dtype": one_of("float32", "bfloat16", "float16"),
     "lora.r": SIZE,
+    "audio.model": one_of("clap", "tiny"),
+    **{f"audio.{k}": SIZE for k in ("sample_rate", "n_mels", "n_fft", "hop", "width", "layers", "heads", "patch",
+                                    "tokens")},
+    "audio.seconds": above(0),
+    **{f"video.{k}": SIZE for k in ("frames", "tokens")},
     "lora.alpha": above(0),
     "lora.dropout": DROPOUT,
     "data.max_len": SIZE,

@@ -181,6 +181,8 @@ def run_key(c: Config) -> str:
     for k in ("out_dir", "keep_last"): d["train"].pop(k)  # where it is written, and how many checkpoints stay there
     d.pop(f"stage{3 - c.train.stage}", None)  # the other stage's recipe (stage 2 depends on stage 1 through init_from)
     d["data"] = {k: v for k, v in d["data"].items() if k not in ("root", "num_workers")}
+    for m in ("audio", "video"):  # a modality that is off decides nothing (and runs cached before it keep their keys)
+        if not d[m]["enabled"]: d.pop(m)
     what = dict(version=RUNS_VERSION, config=_portable(d), world=world_info(c.data.root))
     return f"stage{c.train.stage}-{hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]}"
 

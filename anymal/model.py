@@ -7,6 +7,7 @@ Docs: https://anymal-course.github.io/anymal/model.html.md"""
 # %% ../nbs/06_model.ipynb #d0eaecee
 from __future__ import annotations
 from dataclasses import dataclass
+from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,10 +22,50 @@ from .llm import build_llm, llm_parts, llama_config, add_lora, VARLEN
 from .tokenizer import END, EOT, IMAGE_TOKEN
 
 # %% auto #0
-__all__ = ['MASKED_ATTN', 'splice_images', 'chunked_ce', 'AnyMALOutput', 'AnyMAL', 'segment_ids', 'block_causal_mask', 'seq_lens',
-           'packed_attention', 'row_names', 'position_ids', 'is_lora', 'token_ids', 'sample_next', 'describe']
+__all__ = ['MEDIA_WORDS', 'MASKED_ATTN', 'Media', 'splice', 'splice_images', 'chunked_ce', 'AnyMALOutput', 'AnyMAL',
+           'segment_ids', 'block_causal_mask', 'seq_lens', 'packed_attention', 'row_names', 'position_ids', 'is_lora',
+           'token_ids', 'sample_next', 'describe']
 
 # %% ../nbs/06_model.ipynb #dcda335c
+MEDIA_WORDS = {  # modality -> how errors count its items, their tokens, and a batch of them
+    "image": ("image(s)", "latents", "images"), "audio": ("audio clip(s)", "tokens", "audio clips"),
+    "video": ("video(s)", "tokens", "videos")}
+
+class Media(NamedTuple):
+    "One modality's share of a batch, for `splice`."
+    token_id: int         # its placeholder id
+    tokens: torch.Tensor  # (N, L, D) projected tokens, each sample's items consecutive
+    counts: torch.Tensor  # (B,) items per sample, summing to N
+
+def _placeholders(input_ids: torch.Tensor, modality: str, m: Media, sample_ids) -> torch.Tensor:
+    "Where `modality`'s placeholders are `(B, T)`, if each sample holds `counts[b] * L` of them and the counts add up."
+    if modality not in MEDIA_WORDS: raise ValueError(f"unknown modality {modality!r}; choose from {list(MEDIA_WORDS)}")
+    items, unit, batch = MEDIA_WORDS[modality]
+    L, mask = m.tokens.shape[1], input_ids == m.token_id  # (B, T)
+    have, want = mask.sum(1), torch.as_tensor(m.counts).to(mask.device) * L
+    bad = (have != want).nonzero().flatten().tolist()
+    if bad:
+        name = lambda b: repr(sample_ids[b]) if sample_ids is not None else f"at batch index {b}"
+        raise ValueError("; ".join(f"sample {name(b)} has {have[b]} {modality} placeholder tokens but "
+                                   f"{int(m.counts[b])} {items} x {L} {unit} = {want[b]}" for b in bad))
+    if int(m.counts.sum()) != m.tokens.shape[0]:
+        raise ValueError(f"the {modality} counts sum to {int(m.counts.sum())} but the batch holds "
+                         f"{m.tokens.shape[0]} {batch}")
+    return mask
+
+def splice(embeds: torch.Tensor,    # (B, T, D) token embeddings
+           input_ids: torch.Tensor, # (B, T) ids holding each modality's placeholders
+           media: dict,             # {modality: Media}: "image", "audio", "video"
+           sample_ids=None,         # names of the samples, for errors (default: batch index)
+          ) -> torch.Tensor:
+    "Replace each modality's placeholder embeddings with its tokens, item by item: `(B, T, D)`."
+    ids = {m: x.token_id for m, x in media.items()}
+    if len(set(ids.values())) < len(ids): raise ValueError(f"two modalities share a placeholder id: {ids}")
+    for modality, m in media.items():
+        mask = _placeholders(input_ids, modality, m, sample_ids)
+        embeds = embeds.masked_scatter(mask[..., None], m.tokens.to(embeds.dtype))
+    return embeds
+
 def splice_images(embeds: torch.Tensor,    # (B, T, D) token embeddings
                   input_ids: torch.Tensor, # (B, T) ids holding `n_images[b] * L` placeholders per sample
                   images: torch.Tensor,    # (N, L, D) projected latents, samples' images consecutive
@@ -33,17 +74,7 @@ def splice_images(embeds: torch.Tensor,    # (B, T, D) token embeddings
                   sample_ids=None,         # names of the samples, for errors (default: batch index)
                  ) -> torch.Tensor:
     "Replace the placeholder embeddings with the images' latents, image by image: `(B, T, D)`."
-    L = images.shape[1]
-    is_img = input_ids == image_token_id  # (B, T)
-    have, want = is_img.sum(1), n_images.to(is_img.device) * L
-    bad = (have != want).nonzero().flatten().tolist()
-    if bad:
-        name = lambda b: repr(sample_ids[b]) if sample_ids is not None else f"at batch index {b}"
-        raise ValueError("; ".join(f"sample {name(b)} has {have[b]} image placeholder tokens but {int(n_images[b])} "
-                                   f"image(s) x {L} latents = {want[b]}" for b in bad))
-    if int(n_images.sum()) != images.shape[0]:
-        raise ValueError(f"n_images sums to {int(n_images.sum())} but the batch holds {images.shape[0]} images")
-    return embeds.masked_scatter(is_img[..., None], images.to(embeds.dtype))
+    return splice(embeds, input_ids, {"image": Media(image_token_id, images, n_images)}, sample_ids)
 
 # %% ../nbs/06_model.ipynb #d05c049a
 def _ce_sum(h: torch.Tensor, y: torch.Tensor, head: nn.Module) -> torch.Tensor:

@@ -17,9 +17,10 @@ from .config import Config, ConfigError, DataError
 from .hub import require_files, resolve_llm_path
 
 # %% auto #0
-__all__ = ['BOS', 'EOT', 'END', 'HEADER_START', 'HEADER_END', 'IMAGE_TOKEN', 'PAD_TOKEN', 'IMAGE_MARKER', 'SPECIAL_TOKENS',
-           'LLAMA3_CHAT_TEMPLATE', 'LLAMA3_PATTERN', 'TOKENIZER_DIR', 'train_tokenizer', 'tokenizer_path',
-           'load_tokenizer', 'BadRecord', 'encode_chat', 'encode_chats']
+__all__ = ['BOS', 'EOT', 'END', 'HEADER_START', 'HEADER_END', 'IMAGE_TOKEN', 'PAD_TOKEN', 'IMAGE_MARKER', 'AUDIO_TOKEN',
+           'VIDEO_TOKEN', 'AUDIO_MARKER', 'VIDEO_MARKER', 'SPECIAL_TOKENS', 'MARKERS', 'PLACEHOLDERS',
+           'LLAMA3_CHAT_TEMPLATE', 'LLAMA3_PATTERN', 'TOKENIZER_DIR', 'train_tokenizer', 'modality_token_ids',
+           'tokenizer_path', 'load_tokenizer', 'BadRecord', 'encode_chat', 'encode_chats']
 
 # %% ../nbs/02_tokenizer.ipynb #b3196b54
 BOS, EOT, END = "<|begin_of_text|>", "<|eot_id|>", "<|end_of_text|>"
@@ -27,7 +28,12 @@ HEADER_START, HEADER_END = "<|start_header_id|>", "<|end_header_id|>"
 IMAGE_TOKEN = "<|reserved_special_token_0|>"  # the image placeholder: `<image>` becomes L copies of it
 PAD_TOKEN = "<|reserved_special_token_1|>"    # LLaMA-3 has no pad token; a reserved one keeps padding visible
 IMAGE_MARKER = "<image>"                       # LLaVA's text marker for "an image goes here"
-SPECIAL_TOKENS = [BOS, END, IMAGE_TOKEN, PAD_TOKEN, HEADER_START, HEADER_END, EOT]
+AUDIO_TOKEN = "<|reserved_special_token_2|>"  # the audio placeholder: `<audio>` becomes `audio.tokens` copies of it
+VIDEO_TOKEN = "<|reserved_special_token_3|>"  # the video placeholder: `<video>` becomes `video.tokens` copies of it
+AUDIO_MARKER, VIDEO_MARKER = "<audio>", "<video>"  # "a clip goes here", as `<image>`
+SPECIAL_TOKENS = [BOS, END, IMAGE_TOKEN, PAD_TOKEN, HEADER_START, HEADER_END, EOT]  # of every tiny tokenizer
+MARKERS = {"image": IMAGE_MARKER, "audio": AUDIO_MARKER, "video": VIDEO_MARKER}  # modality -> its text marker
+PLACEHOLDERS = {"image": IMAGE_TOKEN, "audio": AUDIO_TOKEN, "video": VIDEO_TOKEN}  # modality -> its placeholder
 
 # %% ../nbs/02_tokenizer.ipynb #5c9e8617
 LLAMA3_CHAT_TEMPLATE = (
@@ -39,12 +45,12 @@ LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{
                   r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 # %% ../nbs/02_tokenizer.ipynb #1e097be8
-def _bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+def _bpe(texts: Iterable[str], vocab_size: int, special: list) -> Tokenizer:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated"),
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer)
     bos = tok.token_to_id(BOS)
@@ -54,14 +60,33 @@ def _bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
 
 def train_tokenizer(texts: Iterable[str], # e.g. `anymal.world.iter_world_text(root)`
                     vocab_size: int = 512, # total size, special tokens included (`LLMConfig.vocab_size`)
-                    out_dir=None) -> PreTrainedTokenizerFast: # where to `save_pretrained` (optional)
+                    out_dir=None, # where to `save_pretrained` (optional)
+                    modalities=("image",), # whose placeholders it carries (audio and video ones after the others)
+                   ) -> PreTrainedTokenizerFast:
     "Train a byte-level BPE with LLaMA-3's special tokens and chat template."
+    unknown = [m for m in modalities if m not in PLACEHOLDERS]
+    if unknown: raise ConfigError(f"unknown modality {unknown[0]!r}; choose from {list(PLACEHOLDERS)}")
+    special = SPECIAL_TOKENS + [PLACEHOLDERS[m] for m in modalities if PLACEHOLDERS[m] not in SPECIAL_TOKENS]
     texts = chain(["system", "user", "assistant", "\n\n", "\n"], texts)  # the chat template's own text
-    fast = PreTrainedTokenizerFast(tokenizer_object=_bpe(texts, vocab_size), bos_token=BOS, eos_token=EOT,
+    fast = PreTrainedTokenizerFast(tokenizer_object=_bpe(texts, vocab_size, special), bos_token=BOS, eos_token=EOT,
                                    pad_token=PAD_TOKEN, chat_template=LLAMA3_CHAT_TEMPLATE, model_max_length=1_000_000)
     if len(fast) > vocab_size: raise ValueError(f"tokenizer has {len(fast)} tokens, more than vocab_size={vocab_size}")
     if out_dir is not None: fast.save_pretrained(str(out_dir))
     return fast
+
+def modality_token_ids(tok, # a tokenizer
+                       modalities=tuple(PLACEHOLDERS), # the modalities asked for
+                      ) -> dict:
+    "`{modality: placeholder id}`; a modality whose placeholder the tokenizer lacks is an error naming it."
+    out = {}
+    for m in modalities:
+        if m not in PLACEHOLDERS: raise ConfigError(f"unknown modality {m!r}; choose from {list(PLACEHOLDERS)}")
+        i = tok.convert_tokens_to_ids(PLACEHOLDERS[m])
+        if i is None or i == tok.unk_token_id:
+            raise ConfigError(f"the tokenizer has no {m} placeholder {PLACEHOLDERS[m]!r} (a tiny tokenizer has it "
+                              f"when trained with modalities naming {m!r})")
+        out[m] = i
+    return out
 
 # %% ../nbs/02_tokenizer.ipynb #091a0946
 TOKENIZER_DIR = "tokenizer"  # a data folder's own tokenizer, relative to `data.root` (the shapes world trains one)
@@ -98,7 +123,7 @@ class BadRecord(DataError):
 
 def _check_messages(tok, messages: list[dict], name: str, need_answer: bool) -> None:
     if not isinstance(messages, list) or not messages: raise BadRecord(f"{name}: no messages")
-    control = set(tok.all_special_tokens) | {IMAGE_TOKEN, HEADER_START, HEADER_END, EOT, BOS, END}
+    control = set(tok.all_special_tokens) | {*PLACEHOLDERS.values(), HEADER_START, HEADER_END, EOT, BOS, END}
     for i, m in enumerate(messages):
         if (
             not isinstance(m, dict)
@@ -181,16 +206,29 @@ def _chat_text(tok, msgs: list[dict], gen: bool, name: str) -> tuple[str, list[t
     full = _render(tok, msgs, gen)
     return full, [] if gen else _assistant_spans(tok, msgs, full, name)
 
+def _media_counts(tok, ids: list, per: dict, markers: dict, whole: bool, name: str) -> dict:
+    "Items of each modality in `ids` (whole ones: a cut never splits an item); an error where they and the markers disagree."
+    counts, placeholder = {}, modality_token_ids(tok, per)
+    for m, L in per.items():
+        n = ids.count(placeholder[m])
+        if n % L or (whole and n != markers[m] * L):
+            raise BadRecord(f"{name}: {n} {m} tokens for {markers[m]} {MARKERS[m]} markers of {L} tokens")
+        counts[m] = n // L
+    return counts
+
 def encode_chat(tok, # a tokenizer with LLaMA-3's chat template
-                messages: list[dict], # [{role, content}], content may contain `<image>` markers
-                n_latents: int, # L: placeholder tokens per image
+                messages: list[dict], # [{role, content}], content may contain `<image>` (`<audio>`, `<video>`) markers
+                n_latents: int | dict, # L: placeholder tokens per image; or per item by modality, {"audio": 32, ...}
                 max_len: int | None = None, # truncate to at most this many tokens (whole turns where one fits)
                 add_generation_prompt: bool = False, # end with an open assistant header (for generation)
                 name: str = "record") -> dict: # how errors name this conversation
-    "Token ids, labels (-100 except assistant content + <|eot_id|>), image count and length before truncation."
+    "Token ids, labels (-100 except assistant content + <|eot_id|>), items per modality and length before truncation."
     _check_messages(tok, messages, name, need_answer=not add_generation_prompt)
-    n_markers = sum(m["content"].count(IMAGE_MARKER) for m in messages)
-    msgs = [dict(m, content=m["content"].replace(IMAGE_MARKER, IMAGE_TOKEN * n_latents)) for m in messages]
+    per = n_latents if isinstance(n_latents, dict) else {"image": n_latents}
+    markers = {k: sum(m["content"].count(MARKERS[k]) for m in messages) for k in per}
+    msgs = messages
+    for k, L in per.items():  # each marker becomes its own placeholder, L times
+        msgs = [dict(m, content=m["content"].replace(MARKERS[k], PLACEHOLDERS[k] * L)) for m in msgs]
     full, spans = _chat_text(tok, msgs, add_generation_prompt, name)
     full_ids, offsets = _ids_offsets(tok, [full])[0]
     ids = full_ids
@@ -203,11 +241,10 @@ def encode_chat(tok, # a tokenizer with LLaMA-3's chat template
             at = "" if first is None else f", and its first answer starts at token {first}"
             raise BadRecord(f"{name}: {len(ids)} tokens{at}, beyond max_len={max_len}", "too long")
         ids, labels = ids[:cut], labels[:cut]
-    n_img = ids.count(tok.convert_tokens_to_ids(IMAGE_TOKEN))
-    if n_img % n_latents or (len(ids) == len(full_ids) and n_img != n_markers * n_latents):
-        raise BadRecord(f"{name}: {n_img} image tokens for {n_markers} <image> markers of {n_latents} tokens")
-    return dict(input_ids=ids, labels=labels, n_images=n_img // n_latents, turns=sum(e <= len(ids) for e in ends),
-                length=len(full_ids))
+    counts = _media_counts(tok, ids, per, markers, len(ids) == len(full_ids), name)
+    out = dict(input_ids=ids, labels=labels, n_images=counts.get("image", 0), turns=sum(e <= len(ids) for e in ends),
+               length=len(full_ids))
+    return dict(out, n_media=counts) if isinstance(n_latents, dict) else out  # n_media: {modality: items}
 
 # %% ../nbs/02_tokenizer.ipynb #3e8d9adf
 def encode_chats(tok, # a tokenizer with LLaMA-3's chat template
