@@ -22,8 +22,11 @@ def test_each_notebook_exports_one_module_of_its_own():
     assert nbs and all(mod for _, mod, _ in nbs), [n for n, mod, _ in nbs if not mod]
     mods = [mod for _, mod, _ in nbs]
     assert len(mods) == len(set(mods)), mods
-    assert all(re.match(r"\d\d_", n) for n, _, _ in nbs), "notebooks are numbered NN_name.ipynb"
-    assert [n[:2] for n, _, _ in nbs] == [f"{i:02d}" for i in range(len(nbs))], "numbers run 00, 01, ... without gaps"
+    assert all(re.match(r"\d\d[a-z]?_", n) for n, _, _ in nbs), "notebooks are numbered NN_name.ipynb (or NNb_name)"
+    mains = [n[:2] for n, _, _ in nbs if n[2] == "_"]
+    assert mains == [f"{i:02d}" for i in range(len(mains))], "numbers run 00, 01, ... without gaps"
+    # a lettered notebook (03b_audio) is inserted after the one of its number, as lessons/ has 4b after 4
+    assert all(n[:2] in mains for n, _, _ in nbs), "a lettered notebook follows a numbered one"
 
 
 def late_imports(folder: Path = NBS) -> list[str]:
@@ -55,7 +58,7 @@ def test_the_order_check_catches_a_late_import(tmp_path):
 def test_readme_layout_lists_the_modules_in_reading_order():
     readme = (NBS.parent / "README.md").read_text()
     section = readme.split("## Layout", 1)[1].split("\n## ", 1)[0]
-    listed = re.findall(r"^\s*\d+\.\s+`(\w+)`", section, re.M)
+    listed = re.findall(r"^\s*\d+[a-z]?\.\s+`(\w+)`", section, re.M)
     assert listed == [mod for _, mod, _ in _notebooks()], listed
     exported = sorted(p.stem for p in (NBS.parent / "anymal").glob("*.py") if not p.stem.startswith("_"))
     assert sorted(listed) == exported
