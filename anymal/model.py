@@ -17,7 +17,9 @@ from transformers import AutoModelForCausalLM, DynamicCache
 from open_clip.model import CLIP
 from .config import Config
 from .vision import ImageEncoder, clip_model_cfg
+from .audio import AudioEncoder, build_audio_bridge, build_audio_tower, n_frames
 from .resampler import build_bridge
+from .video import build_video_bridge
 from .llm import build_llm, llm_parts, llama_config, add_lora, VARLEN
 from .tokenizer import END, EOT, IMAGE_TOKEN
 
@@ -343,6 +345,24 @@ def generate(self: AnyMAL, input_ids, attention_mask=None, pixels=None, image_fe
 def _count(m: nn.Module, keep=lambda name: True) -> int:
     return sum(p.numel() for n, p in m.named_parameters() if keep(n))
 
+def _modality_parts(cfg: Config, part) -> dict:
+    "The rows of `describe` for the audio and video parts that `cfg` turns on, from meta-device builds."
+    a, v, dl, out = cfg.audio, cfg.vision, cfg.llm.hidden, {}
+    with torch.device("meta"):
+        if a.enabled:
+            enc = AudioEncoder(a, build_audio_tower(a, weights=False), weights=False)
+            feats = (1, n_frames(a), a.n_mels) if a.model == "tiny" else (1, 1, n_frames(a), a.n_mels)  # per clip
+            toks = enc(torch.empty(feats)).shape  # (1, 1+T', Da)
+            ab = build_audio_bridge(cfg)
+            out["audio"] = part(_count(enc), False, ["N", toks[1], toks[2]], model=a.model, path=a.path)
+            out["audio_bridge"] = part(_count(ab), "bridge", ["N", ab.num_tokens, dl], kind="linear")
+        if cfg.video.enabled:
+            vb = build_video_bridge(cfg)
+            shape = vb(torch.empty(1, cfg.video.frames, v.num_tokens, v.width)).shape  # (1, L, Dl)
+            out["video_bridge"] = part(_count(vb), "bridge", ["N", shape[1], shape[2]], frames=cfg.video.frames,
+                                       encoder="vision")
+    return out
+
 def describe(cfg: Config) -> dict:
     "Parameters (total; trainable in stages 1 and 2) and output shape of each part of `cfg`, from meta-device builds."
     v = cfg.vision
@@ -359,6 +379,7 @@ def describe(cfg: Config) -> dict:
     return {"preset": cfg.preset,
             "vision": part(nv, False, ["N", toks, v.width], model=v.model, pretrained=v.pretrained),
             "bridge": part(nb, "bridge", ["N", out[1], out[2]], kind=cfg.resampler.kind),
+            **_modality_parts(cfg, part),
             "llm": part(nl, False, ["B", "T", cfg.llm.vocab_size], path=cfg.llm.path, quant=cfg.llm.quant),
             "lora": part(nr, True, None, r=cfg.lora.r, targets=cfg.lora.targets),
             "total": {"params": nv + nb + nl + nr, "trainable": {"stage1": nb, "stage2": nb + nr}}}
