@@ -35,17 +35,21 @@ GAP = 0.035  # s of silence either side of a tone: two tones in a row stay two
 RAMP = 0.01  # s raised-cosine fade in and out: no clicks
 JITTER = 0.5  # semitones either way: a colour's pitch is a narrow band
 
-# %% ../nbs/07b_world_av.ipynb #e866112a
+# %% ../nbs/07b_world_av.ipynb #dad6700b
 def sample_sounds(scene: dict, # a shapes-world scene (its `objects`)
                   rng: random.Random) -> list[dict]:
-    "The scene's tones: a random non-empty subset of its shapes, each at its colour's (jittered) pitch, in slot order."
-    objs = scene["objects"]
+    "The scene's tones in slot order: each shape's with even odds, an off-screen one in an empty slot with even odds."
+    at = {QUADRANTS.index(o["quadrant"]): i for i, o in enumerate(scene["objects"])}
+    unseen = [c for c in FREQS if c not in {o["color"] for o in scene["objects"]}]  # never empty: 6 colours, <= 4 seen
     out = []
-    for i in sorted(rng.sample(range(len(objs)), rng.randint(1, len(objs)))):
-        o, q = objs[i], QUADRANTS.index(objs[i]["quadrant"])
-        freq = FREQS[o["color"]] * 2 ** (rng.uniform(-JITTER, JITTER) / 12)
-        out.append(dict(object=i, color=o["color"], size=o["size"], slot=q, side=("left", "right")[q % 2],
-                        freq=round(freq, 1)))
+    while not out:  # a clip has at least one tone
+        for q in range(4):
+            if rng.random() < 0.5: continue
+            i = at.get(q)
+            o = scene["objects"][i] if i is not None else dict(color=rng.choice(unseen), size=rng.choice(sorted(GAINS)))
+            freq = FREQS[o["color"]] * 2 ** (rng.uniform(-JITTER, JITTER) / 12)
+            out.append(dict(object=i, color=o["color"], size=o["size"], slot=q, side=("left", "right")[q % 2],
+                            freq=round(freq, 1)))
     return out
 
 # %% ../nbs/07b_world_av.ipynb #daef526c
@@ -166,7 +170,7 @@ def shuffle_frames(frames: torch.Tensor, # (F, ...) one clip's frames
     while order == sorted(order): rng.shuffle(order)
     return frames[order]
 
-# %% ../nbs/07b_world_av.ipynb #b5af2d37
+# %% ../nbs/07b_world_av.ipynb #4ede1462
 def _extreme(rec: dict, which: str) -> dict:
     "The highest or lowest of the scene's tones."
     return (max if which == "highest" else min)(rec["sounds"], key=lambda s: s["freq"])
@@ -178,26 +182,26 @@ def q_sound_count(rng, rec, held):
     c = rng.choice(heard if rng.random() < 0.75 else [x for x in FREQS if x not in heard])
     return f"How many {c} sounds are there?", str(sum(s["color"] == c for s in rec["sounds"]))
 
-def q_sound_exists(rng, rec, held, yes=True):
-    "Is there a red sound? - `no` names a colour seen but not heard half the time, when there is one."
-    heard = {s["color"] for s in rec["sounds"]}
-    silent = sorted({o["color"] for o in rec["objects"]} - heard)
-    if yes: c = rng.choice(sorted(heard))
-    else: c = rng.choice(silent if silent and rng.random() < 0.5 else [x for x in FREQS if x not in heard])
-    return f"Is there {_a(c + ' sound')}?", "yes" if yes else "no"
+def q_sound_exists(rng, rec, held, yes=True, seen=True):
+    "Is there a red sound? - about a colour shown (`seen`) or not; asked only where one such is heard and one is not."
+    heard, shown = {s["color"] for s in rec["sounds"]}, {o["color"] for o in rec["objects"]}
+    pools = [[c for c in FREQS if (c in heard) == h and (c in shown) == seen] for h in (True, False)]
+    if not all(pools): return None
+    return f"Is there {_a(rng.choice(pools[not yes]) + ' sound')}?", "yes" if yes else "no"
 
 def q_sound_color(rng, rec, held):
     "What color is the highest / lowest sound?"
     which = rng.choice(["highest", "lowest"])
     return f"What color is the {which} sound?", _extreme(rec, which)["color"]
 
-def q_sound_shape(rng, rec, held):
-    "What shape makes the highest / lowest sound? - the sound says the colour, the image which shape has it."
-    which = rng.choice(["highest", "lowest"])
-    objs, c = rec["objects"], _extreme(rec, which)["color"]
-    owners = [o for o in objs if o["color"] == c]
-    if len(owners) != 1 or len(objs) < 2: return None
-    return f"What shape makes the {which} sound?", owners[0]["shape"]
+def q_sound_shape(rng, rec, held, which="highest", u=0.0):
+    "What shape makes the highest / lowest sound? - kept with odds `u` < 2^(k+1-n) for the shape of pitch rank k of n."
+    objs, s = rec["objects"], _extreme(rec, which)
+    cands = [o for o in objs if sum(p["color"] == o["color"] for p in objs) == 1]  # a colour that names one shape
+    if s["object"] is None or objs[s["object"]] not in cands or len({o["shape"] for o in cands}) < 2: return None
+    ranked = sorted(cands, key=lambda o: FREQS[o["color"]], reverse=which == "highest")  # the image's guesses in order
+    if u >= 2.0 ** (ranked.index(objs[s["object"]]) + 1 - len(cands)): return None
+    return f"What shape makes the {which} sound?", objs[s["object"]]["shape"]
 
 def q_motion(rng, rec, held):
     "Which way does the (size) (colour) shape / colour object move? - about an object its words single out."
@@ -212,13 +216,15 @@ AV_ANSWER_TYPE = {"sound_count": "number", "sound_exists": "yes/no", "sound_colo
 AV_MODALITIES = {"sound_count": ("audio",), "sound_exists": ("audio",), "sound_color": ("audio",),
                  "sound_shape": ("image", "audio"), "motion": ("video",)}  # what a question's model is given
 
-# %% ../nbs/07b_world_av.ipynb #61ec45d5
+# %% ../nbs/07b_world_av.ipynb #03714e78
 def make_av_qa(rec: dict, rng: random.Random, per_type: int = 2, held: set = frozenset()) -> list[dict]:
     "Up to `per_type` distinct questions of every sound and motion type: dicts with question, answer, type."
     out, seen = [], set()
     for qtype, fn in AV_QUESTION_TYPES.items():
         for _ in range(per_type):
-            kw = dict(yes=rng.random() < 0.5) if qtype == "sound_exists" else {}  # drawn once: retries keep it
+            kw = {}  # drawn once: retries keep it
+            if qtype == "sound_exists": kw = dict(yes=rng.random() < 0.5, seen=rng.random() < 0.5)
+            if qtype == "sound_shape": kw = dict(which=rng.choice(["highest", "lowest"]), u=rng.random())
             for t in range(8):  # a few tries to find a question not asked yet, preferably with another answer
                 qa = fn(rng, rec, held, **kw)
                 if qa and qa[0] not in seen and (t >= 4 or (qtype, qa[1]) not in seen):
@@ -270,7 +276,7 @@ def make_av_split(scenes: list[dict], # a world split's scenes (`scenes/{split}.
         recs.append(rec)
     return recs
 
-# %% ../nbs/07b_world_av.ipynb #c18c2f52
+# %% ../nbs/07b_world_av.ipynb #3e9f8e96
 def av_llava_records(recs: list[dict], vqa_prompt: str, turns: int = 4) -> list[dict]:
     "LLaVA-style records {id, image?, audio?, video?, conversations}: describe-the-sound, describe-the-motion, QA."
     out = []
@@ -288,7 +294,7 @@ def av_llava_records(recs: list[dict], vqa_prompt: str, turns: int = 4) -> list[
             out.append({"id": f"{r['image_id']}-av{j}", **files, "conversations": conv})
     return out
 
-# %% ../nbs/07b_world_av.ipynb #d83931bd
+# %% ../nbs/07b_world_av.ipynb #0bc91536
 def av_vqa_files(recs: list[dict], split: str) -> tuple[dict, dict]:
     "VQAv2 (questions, annotations) dicts for one split's sound and motion questions."
     head = dict(info={"description": "anymal shapes world: sound and motion", "version": "1.0"},
@@ -312,7 +318,7 @@ def av_caption_files(recs: list[dict], seconds: float) -> tuple[dict, str]:
         w.writerow([r["image_id"], r["video"], f"PT00H00M{round(seconds):02d}S", "shapes", r["captions"]["motion"]])
     return audio, buf.getvalue()
 
-# %% ../nbs/07b_world_av.ipynb #cb895db6
+# %% ../nbs/07b_world_av.ipynb #3beb72e5
 def _settings(root: Path, cfg: Config, splits, per_type: int, turns: int) -> dict:
     "What decides the sound and motion of the world at `root`: its seed and scenes, and the asked settings."
     w = world_info(root)
@@ -383,7 +389,7 @@ def ensure_av(root, cfg: Config | None = None, splits=None, per_type: int = 2, t
         if {k: info.get(k) for k in settings} == settings: return info
     return generate_av(root, cfg, splits, per_type, turns)
 
-# %% ../nbs/07b_world_av.ipynb #15fffaca
+# %% ../nbs/07b_world_av.ipynb #1e4cb1f5
 def iter_av_text(root, splits=("train",)):
     "Every piece of sound and motion text of the world's `splits`: prompts, captions, questions and answers."
     root = Path(root)
