@@ -1,0 +1,21 @@
+"""Pretrain the tiny LLaMA stand-in as `anymal demo --seed N` would (its seed's world, `tiny()` plus overrides) and print
+its reading curve (anymal.standins.reading_probe, 100 test scenes) as JSON lines, with the seconds it took.
+
+    OMP_NUM_THREADS=1 python experiments/lm_seeds.py SEED [config overrides]   # e.g. 1 llm.heads=8
+
+Used for "A reading that every seed learns" in docs/tiny-recipe.md. The world is the seed's cached one (`shared_world`).
+"""
+import json, sys, time, torch
+from anymal.config import tiny, override
+from anymal.demo import shared_world
+from anymal.tokenizer import load_tokenizer
+from anymal.standins import train_tiny_llama
+
+seed, sets = int(sys.argv[1]), sys.argv[2:]
+torch.set_num_threads(int(__import__("os").environ.get("OMP_NUM_THREADS", "1")))
+cfg = shared_world(override(tiny(), [f"train.seed={seed}", f"data.world_seed={seed}", *sets]))
+tok = load_tokenizer(f"{cfg.data.root}/tokenizer")
+t0 = time.time()
+def log(rec):
+    if "reading" in rec: print(json.dumps(dict(seed=seed, sets=sets, s=round(time.time() - t0), **rec)), flush=True)
+train_tiny_llama(cfg, cfg.data.root, tok, progress=False, log=log)
