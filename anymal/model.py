@@ -19,12 +19,12 @@ from .config import Config
 from .vision import ImageEncoder, clip_model_cfg
 from .audio import AudioEncoder, build_audio_bridge, build_audio_tower, n_frames
 from .resampler import build_bridge
-from .video import build_video_bridge
+from .video import build_video_bridge, encode_frames
 from .llm import build_llm, llm_parts, llama_config, add_lora, VARLEN
-from .tokenizer import END, EOT, IMAGE_TOKEN
+from .tokenizer import END, EOT, IMAGE_TOKEN, modality_token_ids
 
 # %% auto #0
-__all__ = ['MEDIA_WORDS', 'MASKED_ATTN', 'Media', 'splice', 'splice_images', 'chunked_ce', 'AnyMALOutput', 'AnyMAL',
+__all__ = ['MEDIA_WORDS', 'MASKED_ATTN', 'BRIDGES', 'Media', 'splice', 'splice_images', 'chunked_ce', 'AnyMALOutput', 'AnyMAL',
            'segment_ids', 'block_causal_mask', 'seq_lens', 'packed_attention', 'row_names', 'position_ids', 'is_lora',
            'token_ids', 'sample_next', 'describe']
 
@@ -110,6 +110,11 @@ class AnyMAL(nn.Module):
                  image_token_id: int, # the placeholder id, `L` of them per image
                  pad_id: int,         # fills finished rows during generation
                  eos_id,              # an id or a list of ids that end generation
+                 audio_encoder: nn.Module | None = None, # the frozen audio tower (None: audio comes as `audio_feats`)
+                 audio_bridge: nn.Module | None = None,  # audio tokens -> `La` LLM tokens a clip (None: no audio)
+                 video_bridge: nn.Module | None = None,  # frames' image tokens -> `Lv` LLM tokens (None: no video)
+                 audio_token_id: int | None = None,      # the audio placeholder id, `La` of them per clip
+                 video_token_id: int | None = None,      # the video placeholder id, `Lv` of them per video
                 ):
         super().__init__()
         self.cfg, self.encoder, self.bridge, self.llm = cfg, encoder, bridge, llm
@@ -117,6 +122,19 @@ class AnyMAL(nn.Module):
         self.eos_ids = [eos_id] if isinstance(eos_id, int) else list(eos_id)
         self.num_tokens, self.loss_chunk, self.stage = bridge.num_tokens, cfg.llm.loss_chunk, None
         self.ce_fn = None  # a fused replacement for `chunked_ce` (same arguments and result), set by a training mode
+        for m, b, i in (("audio", audio_bridge, audio_token_id), ("video", video_bridge, video_token_id)):
+            if b is not None and i is None:
+                raise ValueError(f"a {m} bridge needs its placeholder id: pass {m}_token_id")
+        if audio_encoder is not None and audio_bridge is None:
+            raise ValueError("an audio encoder without an audio bridge: pass audio_bridge")
+        # registered after the LLM: an image-only model's parameters keep their names and their order
+        self.audio_encoder, self.audio_bridge, self.video_bridge = audio_encoder, audio_bridge, video_bridge
+        self.audio_token_id, self.video_token_id = audio_token_id, video_token_id
+
+    @property
+    def modalities(self) -> tuple:
+        "The modalities this model reads: image, then audio and video where it holds their bridges."
+        return ("image",) + tuple(m for m in ("audio", "video") if getattr(self, f"{m}_bridge") is not None)
 
     @property
     def decoder(self): return llm_parts(self.llm)[0]
@@ -189,25 +207,84 @@ def embed_images(self: AnyMAL, pixels=None, image_feats=None) -> torch.Tensor:
         image_feats = self.encoder(pixels)
     return self.bridge(image_feats)
 
+def _no_part(modality: str) -> ValueError:
+    return ValueError(f"this AnyMAL has no {modality} bridge (built with {modality}.enabled false) but was given "
+                      f"{modality}: build it with {modality}.enabled=true and a tokenizer holding its placeholder")
+
 @patch
-def embed(self: AnyMAL, input_ids, pixels=None, image_feats=None, n_images=None, sample_ids=None) -> torch.Tensor:
-    "Input embeddings `(B, T, Dl)` with every image's latents on its placeholders."
-    emb = self.embed_tokens(input_ids)
-    n_images = torch.zeros(len(input_ids), dtype=torch.long) if n_images is None else torch.as_tensor(n_images)
-    if pixels is None and image_feats is None:
-        images = emb.new_zeros(0, self.num_tokens, emb.shape[-1])
-        if torch.is_grad_enabled() and any(p.requires_grad for p in self.bridge.parameters()):
-            p = next(self.bridge.parameters())  # no image: a zero-weighted pass keeps every bridge parameter in the graph
-            zero = self.bridge(torch.zeros(1, self.cfg.vision.num_tokens, self.cfg.vision.width, dtype=p.dtype,
-                                           device=p.device))
-            emb = emb + (zero.sum() * 0).to(emb.dtype)
-    else: images = self.embed_images(pixels, image_feats)
-    return splice_images(emb, input_ids, images, n_images, self.image_token_id, sample_ids)
+def audio_features(self: AnyMAL, audio) -> torch.Tensor:
+    "The audio tower's input from waveforms (a list of `(S,)`, or `(N, S)`), or `audio` itself when it is that input."
+    enc = self.audio_encoder
+    if enc is None: raise ValueError("this AnyMAL was built without an audio encoder: pass audio_feats")
+    if isinstance(audio, (list, tuple)) or audio.ndim == 2:  # waveforms: each clip through the tower's preprocessing
+        audio = torch.stack([torch.as_tensor(enc.preprocess(torch.as_tensor(w).detach().float().cpu()))
+                             for w in audio])
+    p = next(enc.parameters())
+    return audio.to(device=p.device, dtype=p.dtype)
+
+@patch
+def embed_audio(self: AnyMAL, audio=None, audio_feats=None) -> torch.Tensor:
+    "Projected audio tokens `(N, La, Dl)` from clips (`audio_features`' input) or audio tower tokens `(N, 1+T', Da)`."
+    if self.audio_bridge is None: raise _no_part("audio")
+    if audio_feats is None: audio_feats = self.audio_encoder(self.audio_features(audio))
+    return self.audio_bridge(audio_feats)
+
+@patch
+def embed_video(self: AnyMAL, frames=None, video_feats=None) -> torch.Tensor:
+    "Projected video tokens `(N, Lv, Dl)` from frames `(N, F, 3, H, W)` or their image encoder features `(N, F, 1+P, Dv)`."
+    if self.video_bridge is None: raise _no_part("video")
+    if video_feats is None:
+        if self.encoder is None: raise ValueError("this AnyMAL was built without an encoder: pass video_feats")
+        video_feats = encode_frames(self.encoder, frames)  # each frame through the image encoder
+    return self.video_bridge(video_feats)
+
+def _keep_in_graph(emb: torch.Tensor, bridge: nn.Module, shape: tuple) -> torch.Tensor:
+    "`emb` plus zero times `bridge`'s output on zeros of `shape`: every bridge parameter stays in the graph (DDP)."
+    if not (torch.is_grad_enabled() and any(p.requires_grad for p in bridge.parameters())): return emb
+    p = next(bridge.parameters())
+    zero = bridge(torch.zeros(shape, dtype=p.dtype, device=p.device))
+    return emb + (zero.sum() * 0).to(emb.dtype)
+
+def _counts(n, B: int) -> torch.Tensor:
+    return torch.zeros(B, dtype=torch.long) if n is None else torch.as_tensor(n)
+
+@patch
+def embed(self: AnyMAL, input_ids, pixels=None, image_feats=None, n_images=None, sample_ids=None, *,
+          audio=None,       # clips: waveforms (a list of `(S,)`, or `(N, S)`) or the audio tower's input features
+          audio_feats=None, # or the audio tower's tokens `(N, 1+T', Da)`
+          n_audio=None,     # (B,) clips per sample
+          frames=None,      # videos `(N, F, 3, H, W)`
+          video_feats=None, # or their frames' image encoder features `(N, F, 1+P, Dv)`
+          n_video=None,     # (B,) videos per sample
+         ) -> torch.Tensor:
+    "Input embeddings `(B, T, Dl)` with the tokens of every image, audio clip and video on its placeholders."
+    emb, B = self.embed_tokens(input_ids), len(input_ids)
+    D, v = emb.shape[-1], self.cfg.vision
+    parts = {  # modality: its bridge, placeholder id, counts, inputs, their embedding, an all-zero input's shape
+        "image": (self.bridge, self.image_token_id, n_images, (pixels, image_feats), self.embed_images,
+                  (1, v.num_tokens, v.width)),
+        "audio": (self.audio_bridge, self.audio_token_id, n_audio, (audio, audio_feats), self.embed_audio,
+                  (1, 1, self.cfg.audio.width)),  # the linear bridge reads the pooled token only
+        "video": (self.video_bridge, self.video_token_id, n_video, (frames, video_feats), self.embed_video,
+                  (1, self.cfg.video.frames, v.num_tokens, v.width))}
+    media = {}
+    for m, (bridge, token_id, n, given, embed_fn, zeros) in parts.items():
+        if bridge is None:  # a modality this model lacks: only zero counts may come
+            if any(x is not None for x in given) or (n is not None and bool(torch.as_tensor(n).any())):
+                raise _no_part(m)
+            continue
+        if all(x is None for x in given):  # none this batch: a zero-weighted pass keeps the bridge in the graph
+            tokens = emb.new_zeros(0, bridge.num_tokens, D)
+            emb = _keep_in_graph(emb, bridge, zeros)
+        else: tokens = embed_fn(*given)
+        media[m] = Media(token_id, tokens, _counts(n, B))
+    return splice(emb, input_ids, media, sample_ids)
 
 @patch
 def forward(self: AnyMAL, input_ids, attention_mask=None, labels=None, pixels=None, image_feats=None, n_images=None,
             sample_ids=None,
             position_ids=None, # packed rows (`anymal.data.pack`): each sample's positions from 0; None: one per row
+            *, audio=None, audio_feats=None, n_audio=None, frames=None, video_feats=None, n_video=None, # `embed`'s
            ) -> AnyMALOutput:
     "The chunked loss when `labels` are given (no logits kept), else the logits `(B, T, V)`."
     am = torch.ones_like(input_ids) if attention_mask is None else attention_mask
@@ -216,26 +293,32 @@ def forward(self: AnyMAL, input_ids, attention_mask=None, labels=None, pixels=No
         sample_ids = None if sample_ids is None else _RowNames(sample_ids, position_ids, am)
         attend = dict(packed_attention(self.decoder.config._attn_implementation, position_ids,
                                        self.embed_tokens.weight.dtype), position_ids=position_ids)
-    emb = self.embed(input_ids, pixels, image_feats, n_images, sample_ids)
+    emb = self.embed(input_ids, pixels, image_feats, n_images, sample_ids, audio=audio, audio_feats=audio_feats,
+                     n_audio=n_audio, frames=frames, video_feats=video_feats, n_video=n_video)
     h = self.decoder(inputs_embeds=emb, use_cache=False, **attend).last_hidden_state
     if labels is None: return AnyMALOutput(logits=self.lm_head(h))
     loss, n = (self.ce_fn or chunked_ce)(h, labels, self.lm_head, self.loss_chunk)
     return AnyMALOutput(loss=loss, n_targets=n)
+
 
 # %% ../nbs/06_model.ipynb #d6209018
 def is_lora(name: str) -> bool:
     "Whether a parameter (or state-dict key) belongs to a LoRA adapter: peft names them `lora_A`, `lora_B`, ..."
     return "lora_" in name
 
+BRIDGES = ("bridge", "audio_bridge", "video_bridge")  # the trained parts, by attribute: image, audio, video
+_BRIDGE_KEYS = tuple(f"{b}." for b in BRIDGES)  # their state-dict prefixes (an image-only model has `bridge.` only)
+
 @patch
 def set_stage(self: AnyMAL, stage: int):
-    "Freeze everything, then unfreeze what `stage` trains (1: bridge; 2: bridge + LoRA)."
+    "Freeze everything, then unfreeze what `stage` trains (1: the bridges; 2: the bridges + LoRA)."
     lora = [p for n, p in self.llm.named_parameters() if is_lora(n)]
     if stage not in (1, 2): raise ValueError(f"stage must be 1 or 2, got {stage!r}")
     if stage == 2 and not lora:
         raise ValueError("stage 2 trains LoRA adapters but this model has none: build it with stage=2")
     self.requires_grad_(False)
-    self.bridge.requires_grad_(True)
+    for b in BRIDGES:
+        if getattr(self, b, None) is not None: getattr(self, b).requires_grad_(True)
     for p in lora: p.requires_grad_(stage == 2)
     self.stage = stage
     return self
@@ -244,19 +327,20 @@ def _some(keys: list) -> str: return f"{keys[:5]}{' ...' if len(keys) > 5 else '
 
 @patch
 def trainable_state_dict(self: AnyMAL) -> dict:
-    "The tensors this stage trains (bridge; + LoRA in stage 2), detached, by their `state_dict` names."
+    "The tensors this stage trains (the bridges; + LoRA in stage 2), detached, by their `state_dict` names."
     return {
-        n: p.detach() for n, p in self.named_parameters() if n.startswith("bridge.") or (self.stage == 2 and is_lora(n))
+        n: p.detach() for n, p in self.named_parameters()
+        if n.startswith(_BRIDGE_KEYS) or (self.stage == 2 and is_lora(n))
     }
 
 
 @patch
 def load_trainable_state_dict(self: AnyMAL, sd: dict, strict: bool = True):
     "Copy bridge (and LoRA) tensors in; unknown keys and wrong shapes are errors, and so are missing ones when `strict`."
-    params = {n: p for n, p in self.named_parameters() if n.startswith("bridge.") or is_lora(n)}
+    params = {n: p for n, p in self.named_parameters() if n.startswith(_BRIDGE_KEYS) or is_lora(n)}
     unknown = sorted(set(sd) - set(params))
     if unknown: raise KeyError(f"not trainable parts of this model: {_some(unknown)}")
-    missing = sorted(k for k in self.trainable_state_dict() if k not in sd and (strict or k.startswith("bridge.")))
+    missing = sorted(k for k in self.trainable_state_dict() if k not in sd and (strict or k.startswith(_BRIDGE_KEYS)))
     if missing: raise KeyError(f"missing from the state dict: {_some(missing)}")
     bad = [f"{k}: {tuple(v.shape)} vs {tuple(params[k].shape)}" for k, v in sd.items() if v.shape != params[k].shape]
     if bad: raise ValueError(f"shape mismatch (file vs model): {_some(bad)}")
@@ -275,10 +359,27 @@ def token_ids(tokenizer) -> dict:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     return dict(image_token_id=img, pad_id=pad, eos_id=eos)
 
+def _av_parts(cfg: Config, tokenizer, ids: dict, device, encoder: bool) -> dict:
+    "`AnyMAL`'s audio and video arguments for the modalities `cfg` turns on (none when both are off)."
+    on = [m for m in ("audio", "video") if getattr(cfg, m).enabled]
+    if not on: return {}
+    if tokenizer is not None: ids = {f"{m}_token_id": i for m, i in modality_token_ids(tokenizer, on).items()}
+    lacking = [f"{m}_token_id" for m in on if ids.get(f"{m}_token_id") is None]
+    if lacking: raise ValueError(f"{' and '.join(on)} on (cfg): pass a tokenizer with their placeholders, or {lacking}")
+    out = {f"{m}_token_id": ids[f"{m}_token_id"] for m in on}
+    if cfg.audio.enabled:
+        out["audio_bridge"] = build_audio_bridge(cfg).to(device)
+        if encoder: out["audio_encoder"] = AudioEncoder(cfg.audio).to(device)
+    if cfg.video.enabled: out["video_bridge"] = build_video_bridge(cfg).to(device)
+    return out
+
 @patch(cls_method=True)
-def build(cls: AnyMAL, cfg: Config, tokenizer=None, stage: int = 1, device="cpu", encoder: bool = True,
-          image_token_id: int | None = None, pad_id: int | None = None, eos_id=None) -> AnyMAL:
-    "Everything from `cfg` (random or local weights, never downloaded), frozen for `stage`."
+def build(cls: AnyMAL, cfg: Config, tokenizer=None, stage: int = 1, device="cpu",
+          encoder: bool = True, # the frozen encoders (image; audio where on); False: train on their features
+          image_token_id: int | None = None, pad_id: int | None = None, eos_id=None,
+          audio_token_id: int | None = None, video_token_id: int | None = None, # without a tokenizer, where on
+         ) -> AnyMAL:
+    "Everything from `cfg` (random or local weights, never downloaded), frozen for `stage`; audio and video where on."
     ids = (
         token_ids(tokenizer)
         if tokenizer is not None
@@ -286,8 +387,9 @@ def build(cls: AnyMAL, cfg: Config, tokenizer=None, stage: int = 1, device="cpu"
     )
     if any(v is None for v in ids.values()):
         raise ValueError(f"without a tokenizer pass all of {sorted(ids)}; got {ids}")
+    av = _av_parts(cfg, tokenizer, dict(audio_token_id=audio_token_id, video_token_id=video_token_id), device, encoder)
     enc = ImageEncoder(cfg.vision).to(device) if encoder else None
-    model = cls(cfg, enc, build_bridge(cfg).to(device), build_llm(cfg, stage, device), **ids)
+    model = cls(cfg, enc, build_bridge(cfg).to(device), build_llm(cfg, stage, device), **ids, **av)
     return model.set_stage(stage)
 
 # %% ../nbs/06_model.ipynb #eb952bc2
@@ -309,14 +411,15 @@ def _until_eos(row: list, eos: list) -> list:
 @torch.no_grad()
 def stream(self: AnyMAL, input_ids, attention_mask=None, pixels=None, image_feats=None, n_images=None,
            max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0, use_cache: bool = True,
-           generator: torch.Generator | None = None, sample_ids=None):
+           generator: torch.Generator | None = None, sample_ids=None,
+           **media): # audio and video, as `embed` takes them: `audio`, `n_audio`, `frames`, `n_video`, ...
     "Yield the next ids `(B,)` of left-padded prompts one step at a time (`pad_id` in finished rows, end ids included)."
     am = torch.ones_like(input_ids) if attention_mask is None else attention_mask.clone()
     if (am[:, -1] == 0).any(): raise ValueError("generate needs left-padded prompts; a row ends in padding")
     was_training, eos = self.training, torch.tensor(self.eos_ids, device=input_ids.device)
     self.eval()
     try:
-        x = self.embed(input_ids, pixels, image_feats, n_images, sample_ids)  # (B, T, D)
+        x = self.embed(input_ids, pixels, image_feats, n_images, sample_ids, **media)  # (B, T, D)
         cache = DynamicCache(config=self.llm.config) if use_cache else None
         done = torch.zeros(len(input_ids), dtype=torch.bool, device=input_ids.device)
         for _ in range(max_new_tokens):
@@ -335,10 +438,11 @@ def stream(self: AnyMAL, input_ids, attention_mask=None, pixels=None, image_feat
 @patch
 def generate(self: AnyMAL, input_ids, attention_mask=None, pixels=None, image_feats=None, n_images=None,
              max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0, use_cache: bool = True,
-             generator: torch.Generator | None = None, sample_ids=None) -> list:
+             generator: torch.Generator | None = None, sample_ids=None,
+             **media) -> list: # audio and video, as `embed` takes them
     "New token ids per left-padded prompt (end id excluded); `use_cache=False` recomputes everything (for tests)."
     new = list(self.stream(input_ids, attention_mask, pixels, image_feats, n_images, max_new_tokens, temperature,
-                           top_p, use_cache, generator, sample_ids))
+                           top_p, use_cache, generator, sample_ids, **media))
     return [_until_eos(r, self.eos_ids) for r in torch.stack(new, 1).tolist()]
 
 # %% ../nbs/06_model.ipynb #98a0abbf
@@ -376,10 +480,12 @@ def describe(cfg: Config) -> dict:
     nv, nb, nl, nr = _count(vis), _count(bridge), _count(llm, lambda n: not is_lora(n)), _count(llm, is_lora)
     part = lambda n, t2, shape, **kw: dict(kw, params=n, trainable={"stage1": n if t2 == "bridge" else 0,
                                                                     "stage2": n if t2 else 0}, output=shape)
+    av = _modality_parts(cfg, part)
+    na, t1 = sum(r["params"] for r in av.values()), sum(r["trainable"]["stage1"] for r in av.values())  # audio, video
     return {"preset": cfg.preset,
             "vision": part(nv, False, ["N", toks, v.width], model=v.model, pretrained=v.pretrained),
             "bridge": part(nb, "bridge", ["N", out[1], out[2]], kind=cfg.resampler.kind),
-            **_modality_parts(cfg, part),
+            **av,
             "llm": part(nl, False, ["B", "T", cfg.llm.vocab_size], path=cfg.llm.path, quant=cfg.llm.quant),
             "lora": part(nr, True, None, r=cfg.lora.r, targets=cfg.lora.targets),
-            "total": {"params": nv + nb + nl + nr, "trainable": {"stage1": nb, "stage2": nb + nr}}}
+            "total": {"params": nv + nb + na + nl + nr, "trainable": {"stage1": nb + t1, "stage2": nb + t1 + nr}}}
