@@ -1,5 +1,6 @@
 """Any modality: one splice for images, audio and video (markers mixed in one sample), the audio encoder and bridge,
-the video bridge, at tiny size (real forward on the CPU) and full size (meta device), and `anymal info`'s rows."""
+the video bridge, at tiny size (real forward on the CPU) and full size (meta device), and `anymal info`'s rows; a tiny
+AnyMAL holding them: one forward over an image, a clip and a video, the bridges' keys, save and load, generation."""
 import json, subprocess, sys
 from pathlib import Path
 import pytest, torch
@@ -136,3 +137,143 @@ def test_info_full_shows_audio_and_video():
     assert model["audio_bridge"]["params"] == 768 * 32 * 4096 + 32 * 4096
     assert model["video_bridge"]["output"] == ["N", 32, 4096] and model["video_bridge"]["frames"] == 8
     assert 20e6 < model["audio"]["params"] < 40e6 and 50e6 < model["video_bridge"]["params"] < 100e6
+
+
+# ---- AnyMAL with audio and video: a tiny one, random weights, the tokenizer above
+
+AV = ["audio.enabled=true", "video.enabled=true"]
+
+
+def _anymal(tok, sets=(), stage=1, seed=0):
+    from anymal.model import AnyMAL
+    torch.manual_seed(seed)
+    return AnyMAL.build(override(tiny(), list(sets)), tok, stage=stage)
+
+
+@pytest.fixture(scope="module")
+def av(tok):
+    return _anymal(tok, AV)
+
+
+def _per_item(m) -> dict:
+    "Placeholder tokens per item of each modality the model reads."
+    return {"image": m.num_tokens, "audio": m.audio_bridge.num_tokens, "video": m.video_bridge.num_tokens}
+
+
+def _av_batch(tok, m, contents=("<image> <audio> <video> what is in the picture and what is that sound?",
+                                "what is that sound?")):
+    "Right-padded ids and labels of one turn each; an image, a one-second clip and a video per marker."
+    encs = [encode_chat(tok, [{"role": "user", "content": c}, {"role": "assistant", "content": "a red circle"}],
+                        _per_item(m)) for c in contents]
+    T = max(len(e["input_ids"]) for e in encs)
+    pad = lambda x, v: [x + [v] * (T - len(x))]
+    ids = torch.cat([torch.tensor(pad(e["input_ids"], 0)) for e in encs])
+    am = torch.cat([torch.tensor(pad([1] * len(e["input_ids"]), 0)) for e in encs])
+    labels = torch.cat([torch.tensor(pad(e["labels"], -100)) for e in encs])
+    n = {k: [e["n_media"][k] for e in encs] for k in ("image", "audio", "video")}
+    g = torch.Generator().manual_seed(0)
+    c, S = m.cfg, m.cfg.audio.sample_rate
+    media = dict(pixels=torch.randn(sum(n["image"]), 3, 64, 64, generator=g), n_images=n["image"],
+                 audio=torch.randn(sum(n["audio"]), S, generator=g), n_audio=n["audio"],
+                 frames=torch.randn(sum(n["video"]), c.video.frames, 3, 64, 64, generator=g), n_video=n["video"])
+    return dict(input_ids=ids, attention_mask=am, labels=labels, **media)
+
+
+def test_anymal_builds_audio_and_video_parts_with_the_tokenizers_ids(tok, av):
+    ids = modality_token_ids(tok)
+    assert (av.image_token_id, av.audio_token_id, av.video_token_id) == (ids["image"], ids["audio"], ids["video"])
+    assert av.modalities == ("image", "audio", "video")
+    assert not any(p.requires_grad for p in av.audio_encoder.parameters())  # frozen
+    assert all(p.requires_grad for b in ("bridge", "audio_bridge", "video_bridge") for p in getattr(av, b).parameters())
+    img = _anymal(tok)  # audio and video off: none of their parts
+    assert img.modalities == ("image",) and img.audio_bridge is img.video_bridge is img.audio_encoder is None
+    plain = train_tokenizer(TEXTS, vocab_size=512)  # images only
+    with pytest.raises(Exception, match="no audio placeholder"): _anymal(plain, AV)
+
+
+def test_one_forward_with_an_image_a_clip_and_a_video_and_one_text_only_sample(tok, av):
+    batch = _av_batch(tok, av)
+    assert batch["n_audio"] == [1, 0] and batch["n_video"] == [1, 0] and batch["n_images"] == [1, 0]
+    av.zero_grad()
+    loss = av(**batch, sample_ids=["av", "text"]).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    for b in ("bridge", "audio_bridge", "video_bridge"):  # the loss reaches every bridge
+        assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in getattr(av, b).parameters()), b
+    assert all(p.grad is None for e in (av.audio_encoder, av.encoder) for p in e.parameters())  # frozen
+
+
+def test_a_text_only_batch_keeps_every_bridge_in_the_graph(tok, av):
+    b = _av_batch(tok, av, ["no media here", "what is that sound?"])
+    av.zero_grad()
+    av(b["input_ids"], b["attention_mask"], b["labels"]).loss.backward()
+    for name in ("bridge", "audio_bridge", "video_bridge"):  # a gradient of exactly zero (DDP waits for each)
+        assert all(p.grad is not None and not p.grad.any() for p in getattr(av, name).parameters()), name
+
+
+def test_trainable_keys_image_only_unchanged_and_audio_video_under_their_prefixes(tok, av):
+    img = _anymal(tok)
+    keys = list(img.trainable_state_dict())
+    assert keys and all(k.startswith("bridge.") for k in keys)
+    assert keys == [n for n, p in img.named_parameters() if p.requires_grad]  # what an image-only build trains
+    assert not any(k.split(".")[0] in ("audio_encoder", "audio_bridge", "video_bridge") for k in img.state_dict())
+    avk = list(av.trainable_state_dict())
+    assert [k for k in avk if k.startswith("bridge.")] == keys  # the image bridge's keys, as before
+    rest = [k for k in avk if not k.startswith("bridge.")]
+    assert {k.split(".")[0] for k in rest} == {"audio_bridge", "video_bridge"}
+    assert rest == [f"audio_bridge.{n}" for n, _ in av.audio_bridge.named_parameters()] + \
+        [f"video_bridge.{n}" for n, _ in av.video_bridge.named_parameters()]
+    s2 = _anymal(tok, AV, stage=2).trainable_state_dict()
+    assert {k.split(".")[0] for k in s2 if "lora_" not in k} == {"bridge", "audio_bridge", "video_bridge"}
+
+
+def test_save_and_load_the_bridges(tok, av, tmp_path):
+    a = _anymal(tok, AV, seed=1)
+    with torch.no_grad():
+        for p in a.parameters():
+            if p.requires_grad: p.add_(torch.randn_like(p) * 0.1)  # "trained"
+    torch.save(a.trainable_state_dict(), tmp_path / "trained.pt")
+    b = _anymal(tok, AV, seed=1)
+    sd = torch.load(tmp_path / "trained.pt")
+    b.load_trainable_state_dict(sd)
+    assert all(torch.equal(v, b.trainable_state_dict()[k]) for k, v in sd.items())
+    batch = _av_batch(tok, a)
+    a.eval()
+    b.eval()
+    with torch.no_grad(): assert torch.equal(a(**batch).loss, b(**batch).loss)
+    img = _anymal(tok)
+    with pytest.raises(KeyError, match="missing from the state dict: \\['audio_bridge"):  # an image-only file
+        b.load_trainable_state_dict(img.trainable_state_dict())
+    with pytest.raises(KeyError, match="not trainable parts of this model: \\['audio_bridge"):
+        img.load_trainable_state_dict(sd)
+
+
+@pytest.mark.parametrize("modality, n", [("audio", "n_audio"), ("video", "n_video"), ("image", "n_images")])
+def test_a_count_mismatch_in_anymal_names_the_modality(tok, av, modality, n):
+    batch = _av_batch(tok, av)
+    batch[n] = [0, 1]  # sample 0's item given to sample 1
+    with pytest.raises(ValueError, match=f"sample 'av' has [0-9]+ {modality} placeholder tokens but 0 ") as e:
+        av(**batch, sample_ids=["av", "text"])
+    assert len(str(e.value).splitlines()) == 1
+
+
+def test_a_model_without_audio_refuses_audio(tok):
+    img = _anymal(tok)
+    ids = torch.tensor([[300, 301, 302]])  # text ids
+    with pytest.raises(ValueError, match="no audio bridge"): img(ids, audio=torch.randn(1, 16000), n_audio=[1])
+    with pytest.raises(ValueError, match="no video bridge"): img(ids, n_video=[1])
+    img.eval()
+    assert img(ids, n_audio=[0], n_video=[0]).logits.shape == (1, 3, 512)  # zero counts: fine
+
+
+def test_generation_with_an_audio_clip(tok, av):
+    enc = encode_chat(tok, [{"role": "user", "content": "<audio> what is that sound?"}], _per_item(av),
+                      add_generation_prompt=True)
+    assert enc["n_media"]["audio"] == 1
+    prompt = torch.tensor([enc["input_ids"]])
+    clip = torch.randn(1, av.cfg.audio.sample_rate)
+    out = av.generate(prompt, audio=clip, n_audio=[1], max_new_tokens=4)
+    again = av.generate(prompt, audio=clip, n_audio=[1], max_new_tokens=4, use_cache=False)
+    assert out == again and len(out) == 1 and len(out[0]) <= 4
+    steps = list(av.stream(prompt, audio=[clip[0]], n_audio=[1], max_new_tokens=4))  # a list of waveforms
+    assert [int(s[0]) for s in steps][:len(out[0])] == out[0]
