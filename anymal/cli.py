@@ -40,7 +40,7 @@ def _resolve(name: str):
 # %% ../nbs/23_cli.ipynb #246f69d7
 def _describe(cfg) -> dict:
     from anymal.model import describe  # here, not at the top: `anymal --help` need not import the model stack
-    return describe(cfg)
+    return describe(cfg, off_too=True)  # audio and video listed even when off (`enabled: False`)
 
 def info_main(argv: list[str] | None = None) -> int:
     "`anymal info`: print the resolved config (and model sizes) as text or JSON."

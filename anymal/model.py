@@ -6,6 +6,7 @@ Docs: https://anymal-course.github.io/anymal/model.html.md"""
 
 # %% ../nbs/06_model.ipynb #d0eaecee
 from __future__ import annotations
+import warnings
 from dataclasses import dataclass
 from typing import NamedTuple
 import torch
@@ -449,25 +450,29 @@ def generate(self: AnyMAL, input_ids, attention_mask=None, pixels=None, image_fe
 def _count(m: nn.Module, keep=lambda name: True) -> int:
     return sum(p.numel() for n, p in m.named_parameters() if keep(n))
 
-def _modality_parts(cfg: Config, part) -> dict:
-    "The rows of `describe` for the audio and video parts that `cfg` turns on, from meta-device builds."
+def _modality_parts(cfg: Config, part, off_too: bool = False) -> dict:
+    "The rows of `describe` for the audio and video parts that `cfg` turns on (`off_too`: all), from meta-device builds."
     a, v, dl, out = cfg.audio, cfg.vision, cfg.llm.hidden, {}
-    with torch.device("meta"):
-        if a.enabled:
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated")  # transformers' CLAP, building
+        if a.enabled or off_too:
             enc = AudioEncoder(a, build_audio_tower(a, weights=False), weights=False)
             feats = (1, n_frames(a), a.n_mels) if a.model == "tiny" else (1, 1, n_frames(a), a.n_mels)  # per clip
             toks = enc(torch.empty(feats)).shape  # (1, 1+T', Da)
             ab = build_audio_bridge(cfg)
-            out["audio"] = part(_count(enc), False, ["N", toks[1], toks[2]], model=a.model, path=a.path)
-            out["audio_bridge"] = part(_count(ab), "bridge", ["N", ab.num_tokens, dl], kind="linear")
-        if cfg.video.enabled:
+            out["audio"] = part(_count(enc), False, ["N", toks[1], toks[2]], model=a.model, path=a.path,
+                                enabled=a.enabled)
+            out["audio_bridge"] = part(_count(ab), "bridge", ["N", ab.num_tokens, dl], kind="linear", enabled=a.enabled)
+        if cfg.video.enabled or off_too:
             vb = build_video_bridge(cfg)
             shape = vb(torch.empty(1, cfg.video.frames, v.num_tokens, v.width)).shape  # (1, L, Dl)
             out["video_bridge"] = part(_count(vb), "bridge", ["N", shape[1], shape[2]], frames=cfg.video.frames,
-                                       encoder="vision")
+                                       encoder="vision", enabled=cfg.video.enabled)
     return out
 
-def describe(cfg: Config) -> dict:
+def describe(cfg: Config,
+             off_too: bool = False, # also the audio and video sections that are off (`enabled: False`, not in `total`)
+            ) -> dict:
     "Parameters (total; trainable in stages 1 and 2) and output shape of each part of `cfg`, from meta-device builds."
     v = cfg.vision
     with torch.device("meta"):
@@ -480,8 +485,9 @@ def describe(cfg: Config) -> dict:
     nv, nb, nl, nr = _count(vis), _count(bridge), _count(llm, lambda n: not is_lora(n)), _count(llm, is_lora)
     part = lambda n, t2, shape, **kw: dict(kw, params=n, trainable={"stage1": n if t2 == "bridge" else 0,
                                                                     "stage2": n if t2 else 0}, output=shape)
-    av = _modality_parts(cfg, part)
-    na, t1 = sum(r["params"] for r in av.values()), sum(r["trainable"]["stage1"] for r in av.values())  # audio, video
+    av = _modality_parts(cfg, part, off_too)
+    on = [r for r in av.values() if r["enabled"]]  # what `AnyMAL.build` builds
+    na, t1 = sum(r["params"] for r in on), sum(r["trainable"]["stage1"] for r in on)  # audio, video
     return {"preset": cfg.preset,
             "vision": part(nv, False, ["N", toks, v.width], model=v.model, pretrained=v.pretrained),
             "bridge": part(nb, "bridge", ["N", out[1], out[2]], kind=cfg.resampler.kind),

@@ -130,8 +130,10 @@ def test_a_modality_that_is_off_leaves_run_keys_alone(tmp_path):
 def test_info_full_shows_audio_and_video():
     r = subprocess.run([str(BIN / "anymal"), "info", "--preset", "full"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert "[audio]\n  enabled = True\n  model = 'clap'" in r.stdout and "[video]\n  enabled = True" in r.stdout
-    model = json.loads(r.stdout.split("[model]\n", 1)[1])
+    assert "[audio]\n  enabled = False\n  model = 'clap'" in r.stdout and "[video]\n  enabled = False" in r.stdout
+    model = json.loads(r.stdout.split("[model]\n", 1)[1])  # off in full(): listed, marked, left out of the total
+    assert not model["audio"]["enabled"] and not model["video_bridge"]["enabled"]
+    assert model["total"]["trainable"]["stage1"] == model["bridge"]["params"]
     assert model["audio"]["output"] == ["N", 65, 768] and model["audio"]["path"] == "laion/clap-htsat-unfused"
     assert model["audio_bridge"]["output"] == ["N", 32, 4096]
     assert model["audio_bridge"]["params"] == 768 * 32 * 4096 + 32 * 4096

@@ -3,7 +3,7 @@ checkpointing equivalence, checkpoint round trip through a file, `describe` as J
 import json
 import pytest
 import torch
-from anymal.config import tiny, full
+from anymal.config import tiny, full, override
 from anymal.llm import load_llm
 from anymal.model import AnyMAL, describe, position_ids
 
@@ -95,9 +95,11 @@ def test_describe_full_json():
     assert abs(d["vision"]["params"] - 304e6) < 1e6 and d["vision"]["output"] == ["N", 257, 1024]
     assert abs(d["llm"]["params"] - 8.03e9) < 1e7
     assert d["bridge"]["params"] < 100e6 and d["bridge"]["output"] == ["N", 64, 4096]
-    bridges = sum(d[k]["params"] for k in ("bridge", "audio_bridge", "video_bridge"))  # full(): audio and video on
-    assert d["total"]["trainable"] == {"stage1": bridges, "stage2": bridges + d["lora"]["params"]}
+    assert d["total"]["trainable"] == {"stage1": d["bridge"]["params"], "stage2": d["bridge"]["params"] + d["lora"]["params"]}
     assert d["total"]["params"] == sum(d[k]["params"] for k in d if k not in ("preset", "total"))
+    on = describe(override(full(), ["audio.enabled=true", "video.enabled=true"]))  # what build would build: every bridge
+    bridges = sum(on[k]["params"] for k in ("bridge", "audio_bridge", "video_bridge"))
+    assert on["total"]["trainable"] == {"stage1": bridges, "stage2": bridges + on["lora"]["params"]}
 
 def test_with_tiny_tokenizer_end_to_end(tmp_path):
     "The data side's tokenizer and chat encoding feed AnyMAL: ids and end ids come from the tokenizer."
