@@ -2,6 +2,7 @@
 its reading curve (anymal.standins.reading_probe, 100 test scenes) as JSON lines, with the seconds it took.
 
     OMP_NUM_THREADS=1 python experiments/lm_seeds.py SEED [config overrides]   # e.g. 1 llm.heads=8
+    MIN_OBJECTS=3 OMP_NUM_THREADS=1 python experiments/lm_seeds.py SEED ...      # text-only scenes of 3+ objects only
 
 Used for "A reading that every seed learns" in docs/tiny-recipe.md. The world is the seed's cached one (`shared_world`).
 """
@@ -12,8 +13,17 @@ from anymal.tokenizer import load_tokenizer
 from anymal.standins import train_tiny_llama
 
 seed, sets = int(sys.argv[1]), sys.argv[2:]
+least = int(__import__("os").environ.get("MIN_OBJECTS", "0"))
+if least:  # the text-only scenes (anymal.standins.text_scenes) drawn again until they hold `least` objects or more
+    import anymal.standins as S
+    draw = S.sample_scene
+    def fuller(rng, *a, **k):
+        while len((s := draw(rng, *a, **k))["objects"]) < least: pass
+        return s
+    S.sample_scene = fuller
+    sets = [*sets, f"(min objects {least})"]
 torch.set_num_threads(int(__import__("os").environ.get("OMP_NUM_THREADS", "1")))
-cfg = shared_world(override(tiny(), [f"train.seed={seed}", f"data.world_seed={seed}", *sets]))
+cfg = shared_world(override(tiny(), [f"train.seed={seed}", f"data.world_seed={seed}", *[x for x in sets if "=" in x]]))
 tok = load_tokenizer(f"{cfg.data.root}/tokenizer")
 t0 = time.time()
 def log(rec):
