@@ -94,7 +94,8 @@ def check_gpu(cfg: Config, gpu: str):
 # %% ../nbs/24_cloud.ipynb #5d676c20
 def _latest_marker(out_dir) -> str | None:
     p = Path(out_dir) / "checkpoints" / "latest"
-    return p.read_text().strip() if p.exists() else None
+    m = p.read_text().strip() if p.exists() else ""
+    return m or None  # empty: written right now by a writer that does not replace it whole (ours does, os.replace)
 
 def watch_checkpoints(out_dir, on_checkpoint: Callable, every: float = 10.0) -> Callable:
     "Call `on_checkpoint(path)` whenever `<out_dir>/checkpoints/latest` changes; returns a function that stops the watcher."
