@@ -140,6 +140,10 @@ class AudioConfig:
     heads: int = 4             # "tiny" tower heads
     patch: int = 4             # "tiny" tower: spectrogram frames per token
     tokens: int = 32           # LLM tokens per clip: the paper's 32, from one linear layer
+    tower_steps: int = 0       # "tiny" tower: contrastive steps on the world's sound captions (CLAP comes trained)
+    tower_batch: int = 256     # clip-caption pairs per contrastive step
+    tower_lr: float = 1e-3     # AdamW peak LR of the contrastive pass
+    text_context: int = 64     # caption tokens its text tower reads (a four-tone caption is ~50)
 
 # %% ../nbs/00_config.ipynb #42052f13
 @dataclass
@@ -272,6 +276,10 @@ class Config:
     stage1: StageConfig = field(default_factory=StageConfig)  # align the resampler on captions
     stage2: StageConfig = field(default_factory=lambda: StageConfig(out_dir="runs/anymal/stage2",
                                                                     init_from="runs/anymal/stage1", lr=1e-5))
+    # with audio or video on: stage 1 of their bridges on sound and motion captions, then stage 2 of every bridge and
+    # LoRA on images, sound and motion together, from the image stage 2 (`anymal.demo_av`); ignored when both are off
+    av_stage1: StageConfig = field(default_factory=lambda: StageConfig(out_dir="runs/anymal/av_stage1"))
+    av_stage2: StageConfig = field(default_factory=lambda: StageConfig(out_dir="runs/anymal/av_stage2", lr=1e-5))
 
 # %% ../nbs/00_config.ipynb #0767c635
 def for_stage(cfg: Config, stage: int) -> Config:
@@ -307,8 +315,9 @@ def tiny() -> Config:
                       attn="eager"),  # rows of ~160 tokens: plain matmul attention beats SDPA's CPU kernel
         lora=LoRAConfig(r=64, alpha=64, dropout=0.0),  # half the width: at this size LoRA is nearly full fine-tuning
         audio=AudioConfig(model="tiny", path="", sample_rate=16000, seconds=1.0, n_mels=32, n_fft=400, hop=160,
-                          width=64, layers=1, heads=2, tokens=8),  # off: the shapes world has no sounds yet
-        video=VideoConfig(frames=4, tokens=8),  # off: the shapes world does not move yet
+                          width=64, layers=1, heads=2, tokens=8,
+                          tower_steps=300),  # off by default: `anymal demo --modalities image,audio,video` turns it on
+        video=VideoConfig(frames=4, tokens=8),  # off by default, as audio
         data=DataConfig(root="data/world", max_len=160, num_workers=0, world_images=4000, world_val_images=500),
         train=TrainConfig(batch_size=32, grad_accum=1, warmup=20, eval_every=100, eval_batches=4, log_every=10,
                           cache_features=True,  # the tower is frozen: encode each image once
@@ -329,6 +338,9 @@ def tiny() -> Config:
         stage1=StageConfig(out_dir="runs/tiny/stage1", steps=3000, lr=2e-3, lora_lr=2e-3, save_every=500),
         stage2=StageConfig(out_dir="runs/tiny/stage2", init_from="runs/tiny/stage1", steps=1000, lr=2e-3,
                            lora_lr=2e-3, save_every=250),
+        # sound and motion (`anymal.demo_av`): their bridges on captions, then everything on the mixed instructions
+        av_stage1=StageConfig(out_dir="runs/tiny/av_stage1", steps=800, lr=2e-3, save_every=200),
+        av_stage2=StageConfig(out_dir="runs/tiny/av_stage2", steps=1000, lr=2e-3, lora_lr=2e-3, save_every=250),
     )
     return for_stage(c, 1)
 

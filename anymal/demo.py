@@ -183,6 +183,7 @@ def run_key(c: Config) -> str:
     d["data"] = {k: v for k, v in d["data"].items() if k not in ("root", "num_workers")}
     for m in ("audio", "video"):  # a modality that is off decides nothing (and runs cached before it keep their keys)
         if not d[m]["enabled"]: d.pop(m)
+    if not ("audio" in d or "video" in d): d.pop("av_stage1"), d.pop("av_stage2")  # their stages: nor do they
     what = dict(version=RUNS_VERSION, config=_portable(d), world=world_info(c.data.root))
     return f"stage{c.train.stage}-{hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]}"
 
@@ -253,7 +254,8 @@ def accuracy_curve(out, # a finished `demo` folder (with results.json)
     return rows
 
 # %% ../nbs/21_demo.ipynb #8317de74
-def demo_main(argv: list[str] | None = None) -> int:
+def demo_main(argv: list[str] | None = None,
+              av=None) -> int: # `anymal.demo_av.demo_av`, for --modalities naming audio or video (`demo_cli` passes it)
     "`anymal demo`: the whole tiny pipeline end to end; prints one JSON line of results."
     ap = argparse.ArgumentParser(prog="anymal demo", description=demo_main.__doc__)
     ap.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
@@ -283,12 +285,25 @@ def demo_main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--seed", type=int, default=None,
                     help="every seed: the world's, initialisation, data order (train.seed and data.world_seed)")
+    ap.add_argument("--modalities", default="image",
+                    help="what the model reads, comma-separated: image (default), audio, video; e.g. image,audio,video "
+                    "trains the image demo, then the audio and video bridges on top of it (anymal.demo_av)")
     ap.add_argument("--no-progress", action="store_true")
     args = add_config_args(ap).parse_args(argv)
+    mods = [m.strip() for m in args.modalities.split(",") if m.strip()]
     if args.threads: torch.set_num_threads(args.threads)
     base = from_json(args.config) if args.config else preset(args.preset)
     if override(base, args.sets).data.world_images <= 0:
         ap.error("this config has no shapes world (data.world_images=0): the demo is tiny scale")
+    if mods != ["image"]:
+        if av is None: ap.error("--modalities beyond image needs anymal.demo_av (run it as `anymal demo`)")
+        if args.curve: ap.error("--curve times the image stage 2 only: leave it out with --modalities")
+        res = av(base, args.out, mods, args.sets, not args.no_heldout, args.eval_limit, not args.no_progress,
+                 args.procs, args.seed, {1: args.stage1, 2: args.stage2})
+        keys = ("modalities", "accuracy", "image_vqa_accuracy", "image_only_vqa_accuracy", "per_type", "n_questions",
+                "metric", "seconds", "phase_seconds", "seed", "machine", "found_in_cache")
+        print(json.dumps({k: res[k] for k in keys}), flush=True)
+        return 0
     res = demo(
         base,
         args.out,
