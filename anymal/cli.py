@@ -23,7 +23,7 @@ COMMANDS = {  # subcommand -> "module:function"; each function takes argv (list 
     "train": ("anymal.stages:train_main", "run one training stage"),
     "eval": ("anymal.evaluate:eval_main", "evaluate a checkpoint (VQAv2, captions, controls)"),
     "chat": ("anymal.export:chat_main", "ask a trained model (a checkpoint or an export) about images"),
-    "demo": ("anymal.demo_av:demo_cli", "the whole tiny pipeline end to end (--modalities image,audio,video: all three)"),
+    "demo": ("anymal.demo_av:demo_cli", "the whole tiny pipeline end to end (--modalities: audio and video too)"),
     "bench": ("anymal.bench:bench_main", "full-scale memory/throughput benchmark"),
     "plot": ("anymal.plots:plot_main", "plot loss/lr curves of runs"),
     "prepare": ("anymal.prepare:prepare_main", "download and lay out the full-scale datasets"),

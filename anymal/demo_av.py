@@ -35,20 +35,22 @@ from .trainer import fit, seed_all, to_inputs
 from .metrics import vqa_accuracy
 
 # %% auto #0
-__all__ = ['AV', 'MEDIA_FOLDERS', 'MEDIA_KEYS', 'add_placeholders', 'with_modalities', 'media_messages', 'audio_caption_records',
-           'video_caption_records', 'MediaDataset', 'collate_media', 'MediaCollator', 'gif_frames', 'mono_mel',
-           'encode_table', 'media_tables', 'prepare_media', 'TinyCLAP', 'sound_captions', 'train_audio_tower',
-           'sound_retrieval', 'audio_tower', 'av_stage_config', 'load_parts', 'cached_av_stage', 'question_files',
-           'answer_questions', 'accuracy_by', 'av_records', 'caption_records', 'demo_av', 'demo_cli']
+__all__ = ['AV', 'MEDIA_FOLDERS', 'MEDIA_KEYS', 'QUESTION_GROUPS', 'add_placeholders', 'with_modalities', 'media_messages',
+           'audio_caption_records', 'video_caption_records', 'av_records', 'caption_records', 'MediaDataset',
+           'collate_media', 'MediaCollator', 'gif_frames', 'mono_mel', 'encode_table', 'media_tables', 'cached_tables',
+           'prepare_media', 'TinyCLAP', 'sound_captions', 'train_audio_tower', 'audio_tower', 'av_stage_config',
+           'load_parts', 'cached_av_stage', 'question_files', 'answer_questions', 'accuracy_by', 'train_av', 'score_av',
+           'demo_av', 'demo_cli']
 
-# %% ../nbs/21b_demo_av.ipynb #f6791137
+# %% ../nbs/21b_demo_av.ipynb #695e3573
 AV = ("audio", "video")
 
 def add_placeholders(tok, # a tokenizer (changed in place and returned)
                      modalities=AV, # whose placeholders to add where missing
                      vocab_size: int | None = None) -> object: # the LLM's vocabulary: the new ids must fit in it
     "`tok` with the placeholders of `modalities` it lacks added as special tokens after its last id (old ids unchanged)."
-    lacks = [PLACEHOLDERS[m] for m in modalities if tok.convert_tokens_to_ids(PLACEHOLDERS[m]) in (None, tok.unk_token_id)]
+    lacks = [PLACEHOLDERS[m] for m in modalities
+             if tok.convert_tokens_to_ids(PLACEHOLDERS[m]) in (None, tok.unk_token_id)]
     if lacks: tok.add_tokens(lacks, special_tokens=True)  # special: never split, skipped when decoding
     if vocab_size is not None and len(tok) > vocab_size:
         raise ConfigError(f"the tokenizer has {len(tok)} tokens with the {', '.join(modalities)} placeholders, more "
@@ -65,7 +67,7 @@ def with_modalities(cfg: Config, modalities) -> Config:
                           + (f" ({unknown[0]!r} is not one)" if unknown else ""))
     return override(cfg, [f"{m}.enabled={str(m in mods).lower()}" for m in AV])
 
-# %% ../nbs/21b_demo_av.ipynb #4b7aad51
+# %% ../nbs/21b_demo_av.ipynb #eabdd84f
 def media_messages(rec: dict, name: str) -> tuple[list[dict], dict]:
     "A LLaVA-style record as chat messages and its files by modality `{image: [...], audio: [...], video: [...]}`."
     if not isinstance(rec, dict) or not isinstance(rec.get("conversations"), list) or not rec["conversations"]:
@@ -75,7 +77,8 @@ def media_messages(rec: dict, name: str) -> tuple[list[dict], dict]:
         if not isinstance(t, dict) or t.get("from") not in ROLES or not isinstance(t.get("value"), str):
             raise BadRecord(f"{name}: turn {i} is not {{from: human|gpt|system, value: str}}: {str(t)[:80]}")
         msgs.append(dict(role=ROLES[t["from"]], content=t["value"]))
-    if not any(m["role"] == "assistant" for m in msgs): raise BadRecord(f"{name}: no assistant turn", "no assistant turn")
+    if not any(m["role"] == "assistant" for m in msgs):
+        raise BadRecord(f"{name}: no assistant turn", "no assistant turn")
     files = {}
     for m, marker in MARKERS.items():
         f = rec.get(m, [])
@@ -113,6 +116,18 @@ def video_caption_records(path, # a WebVid-style CSV: videoid, contentUrl, durat
             raise DataError(f"{path}: row {i + 2} lacks a contentUrl or a name: {r}")
         out.append({"id": f"video-{r.get('videoid', i)}", "video": r["contentUrl"], "conversations": [
             {"from": "human", "value": f"{MARKERS['video']}\n{prompt}"}, {"from": "gpt", "value": r["name"]}]})
+    return out
+
+def av_records(root, split: str, modalities) -> list[dict]:
+    "The world's sound-and-motion LLaVA records of `split` whose files are all of `modalities`."
+    recs = json.loads((Path(root) / av_paths(split)["instruct"]).read_text())
+    return [r for r in recs if all(m in modalities for m in MARKERS if m in r)]
+
+def caption_records(root, split: str, modalities) -> list[dict]:
+    "Stage-1 records of `split`: sound captions (with audio on) and motion captions (with video on)."
+    p, out = av_paths(split), []
+    if "audio" in modalities: out += audio_caption_records(Path(root) / p["audio_captions"])
+    if "video" in modalities: out += video_caption_records(Path(root) / p["video_captions"])
     return out
 
 # %% ../nbs/21b_demo_av.ipynb #a3de69f4
@@ -177,7 +192,7 @@ class MediaCollator:
     padding_side: str = "right"
     def __call__(self, samples: list[dict]) -> dict: return collate_media(samples, self.pad_id, self.padding_side)
 
-# %% ../nbs/21b_demo_av.ipynb #e8d6a55c
+# %% ../nbs/21b_demo_av.ipynb #58c54aa3
 def gif_frames(path, frames: int) -> list[Image.Image]:
     "`frames` frames of the GIF at `path`, evenly spaced, as RGB images; a `BadRecord` naming the file otherwise."
     try:
@@ -190,7 +205,9 @@ def gif_frames(path, frames: int) -> list[Image.Image]:
                 out.append(im.convert("RGB"))
             return out
     except BadRecord: raise
-    except Exception as e: raise BadRecord(f"{path}: cannot decode GIF: {type(e).__name__}: {e}", "corrupt video")
+    except FileNotFoundError: raise BadRecord(f"{path}: video file not found", "missing video") from None
+    except Exception as e:
+        raise BadRecord(f"{path}: cannot decode GIF: {type(e).__name__}: {' '.join(str(e).split())}", "corrupt video")
 
 def mono_mel(path, acfg) -> torch.Tensor:
     "The log-mel spectrogram `(T, n_mels)` of the WAV at `path`, its channels averaged."
@@ -211,8 +228,8 @@ def media_tables(keys: dict, # {modality: [keys]} (`MediaDataset.keys`, merged o
     "`{modality: FeatureTable}` of every key: image tokens, video frames' image tokens, audio pooled tokens."
     root, pre, out = Path(root), image_encoder.preprocess, {}
     if keys.get("image"):
-        out["image"] = encode_table(image_encoder, keys["image"], lambda k: pre(Image.open(root / "images" / k).convert("RGB")),
-                                    desc="image features", progress=progress)
+        def image(k): return pre(Image.open(root / "images" / k).convert("RGB"))
+        out["image"] = encode_table(image_encoder, keys["image"], image, desc="image features", progress=progress)
     if keys.get("video"):
         F_ = cfg.video.frames
         def frames(x): return image_encoder(x.flatten(0, 1)).unflatten(0, (len(x), F_))  # (N, F, 1+P, Dv)
@@ -222,6 +239,24 @@ def media_tables(keys: dict, # {modality: [keys]} (`MediaDataset.keys`, merged o
     if keys.get("audio"):
         out["audio"] = encode_table(lambda x: audio_tower(x)[:, :1], keys["audio"],
                                     lambda k: mono_mel(root / k, cfg.audio), desc="audio features", progress=progress)
+    return out
+
+def cached_tables(keys: dict, root, cfg: Config, image_encoder: ImageEncoder, audio_tower: nn.Module | None,
+                  progress: bool = False) -> dict:
+    "`media_tables`, each modality's table computed once into the cache (`avfeatures-<modality>-<hash>`) and read back."
+    from anymal.stages import _hash_tensors
+    out = {}
+    for m, ks in keys.items():
+        if not ks: continue
+        enc = audio_tower if m == "audio" else image_encoder
+        what = dict(m=m, keys=list(ks), encoder=_hash_tensors(enc), world=world_info(root), frames=cfg.video.frames,
+                    audio=to_dict(cfg)["audio"] if m == "audio" else None)
+        def build(d, m=m, ks=ks):
+            t = media_tables({m: ks}, root, cfg, image_encoder, audio_tower, progress)[m]
+            torch.save(dict(keys=list(t.index), feats=t.feats), d / "features.pt")
+        d = cached(f"avfeatures-{m}-{_sha(what)}", build, cache_root() / "features")
+        data = torch.load(d / "features.pt", weights_only=True)
+        out[m] = FeatureTable(data["keys"], data["feats"])
     return out
 
 MEDIA_KEYS = {"input_ids", "attention_mask", "labels", "n_images", "n_audio", "n_video", "sample_ids", "position_ids"}
@@ -239,7 +274,7 @@ def prepare_media(batch: dict, device, tables: dict, control: str = "none") -> d
         out["video_feats"] = v.to(device)
     return out
 
-# %% ../nbs/21b_demo_av.ipynb #8fc3a0f6
+# %% ../nbs/21b_demo_av.ipynb #70efd265
 class TinyCLAP(nn.Module):
     "The tiny audio tower and a text tower, each projected to `dim`, with a learned temperature (CLIP's)."
     def __init__(self, cfg: Config, vocab_size: int, eos_id: int, pad_id: int, dim: int = 64):
@@ -282,17 +317,11 @@ def train_audio_tower(cfg: Config, root, tok, progress: bool = True, log=None) -
         if log: log(dict(step=step + 1, loss=loss.item()))
     return model.audio.eval()
 
-@torch.no_grad()
-def sound_retrieval(tower: nn.Module, clap: TinyCLAP | None, mels: torch.Tensor, text: torch.Tensor) -> float:
-    "Top-1 clip -> caption retrieval (%) among the given pairs (a check that the tower learned)."
-    a, t, _ = clap(mels, text)
-    return round(100 * ((a @ t.T).argmax(1) == torch.arange(len(a))).float().mean().item(), 1)
-
-# %% ../nbs/21b_demo_av.ipynb #185487fb
+# %% ../nbs/21b_demo_av.ipynb #9ae1bc99
 def _sha(obj) -> str: return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 def audio_tower(cfg: Config, root, tok, tok_dir, progress: bool = True) -> TinyAudioTower:
-    "The trained tiny audio tower of `cfg` and the world at `root`, from the cache (trained there once)."
+    "The trained tiny audio tower of `cfg` and the world at `root`, from the cache (trained there once); `.log`: its losses."
     from anymal.world_av import av_info
     what = dict(audio=to_dict(cfg)["audio"], vision_text=[cfg.vision.text_width, cfg.vision.text_layers,
                 cfg.vision.text_heads], warmup=cfg.standins.warmup, seed=cfg.train.seed, world=world_info(root),
@@ -305,6 +334,7 @@ def audio_tower(cfg: Config, root, tok, tok_dir, progress: bool = True) -> TinyA
     d = cached(f"audio-{_sha(what)}", build)
     tower = TinyAudioTower(cfg.audio)
     tower.load_state_dict(load_file(str(d / "tower.safetensors")))
+    tower.log = json.loads((d / "log.json").read_text())  # its contrastive loss, step by step
     return tower.requires_grad_(False).eval()
 
 # %% ../nbs/21b_demo_av.ipynb #b08dc773
@@ -384,38 +414,16 @@ def accuracy_by(result: dict, groups: dict) -> dict:
     s = result["evalQA"]
     return {g: round(sum(s[q] for q in qs) / len(qs), 2) for g, qs in groups.items() if qs}
 
-# %% ../nbs/21b_demo_av.ipynb #34382e7d
-def av_records(root, split: str, modalities) -> list[dict]:
-    "The world's sound-and-motion LLaVA records of `split` whose files are all of `modalities`."
-    recs = json.loads((Path(root) / av_paths(split)["instruct"]).read_text())
-    return [r for r in recs if all(m in modalities for m in MARKERS if m in r)]
-
-def caption_records(root, split: str, modalities) -> list[dict]:
-    "Stage-1 records of `split`: sound captions (with audio on) and motion captions (with video on)."
-    p, out = av_paths(split), []
-    if "audio" in modalities: out += audio_caption_records(Path(root) / p["audio_captions"])
-    if "video" in modalities: out += video_caption_records(Path(root) / p["video_captions"])
-    return out
-
-def demo_av(base: Config, # a preset (its `av_stage1`/`av_stage2` sections are the new stages' recipes), then `sets`
-            out, # output folder: the image demo goes to `<out>/image`
-            modalities=("image", "audio", "video"),
-            sets=(), # overrides for every phase
-            heldout: bool = True, # the image demo's held-out split
-            eval_limit: int | None = None, # only the first questions of each evaluation
-            progress: bool = True, procs: int = 1, seed: int | None = None,
-            stage_sets: dict | None = None) -> dict: # the image stages' own overrides, as `demo` takes them
-    "Image demo -> sound and motion -> audio tower -> stage 1 -> stage 2 -> VQA per modality with its control."
-    from anymal.demo import demo, machine, _phase
-    out, t0, times = Path(out), time.time(), {}
-    mods = list(modalities)
-    with_modalities(base, mods)  # a wrong list fails before any training
-    image = demo(base, out / "image", sets, stage_sets, heldout=heldout, eval_limit=eval_limit, progress=progress, procs=procs,
-                 seed=seed)
-    _phase("image_demo", t0, times, progress)
-    from anymal.config import from_dict
-    cfg = with_modalities(from_dict(image["config"]), mods)
-    root = Path(cfg.data.root)
+# %% ../nbs/21b_demo_av.ipynb #b8a9a275
+def train_av(cfg: Config, # the image model's config (world and stand-ins filled in), `audio`/`video` on as wanted
+             image_run, # the image stage-2 run to start stage 2 from
+             eval_limit: int | None = None, # only the first test questions of each set (their files are encoded)
+             progress: bool = True) -> dict:
+    "Sound and motion for `cfg`'s world, the audio tower, stage 1 and stage 2: the trained model and what scores it."
+    t0, times = time.time(), {}
+    from anymal.demo import _phase
+    mods = ["image", *(m for m in AV if getattr(cfg, m).enabled)]
+    root, image_run = Path(cfg.data.root), Path(image_run)
     with file_lock(root.parent / f"{root.name}.av.lock"): ensure_av(root, cfg)
     tok_dir = root / "av" / "tokenizer"
     tok = add_placeholders(load_tokenizer(root / "tokenizer"), AV, cfg.llm.vocab_size)
@@ -429,7 +437,7 @@ def demo_av(base: Config, # a preset (its `av_stage1`/`av_stage2` sections are t
                        json.loads((root / cfg.data.instruct_json.format(split=split)).read_text())
                        + av_records(root, split, mods)]}
     qfiles = {k: root / v for k, v in dict(
-        image_q=f"vqa/v2_OpenEnded_shapes_test_questions.json", image_a=f"vqa/v2_shapes_test_annotations.json",
+        image_q="vqa/v2_OpenEnded_shapes_test_questions.json", image_a="vqa/v2_shapes_test_annotations.json",
         av_q=av_paths("test")["questions"], av_a=av_paths("test")["annotations"]).items()}
     asked = {k: json.loads(qfiles[f"{k}_q"].read_text())["questions"][:eval_limit] for k in ("image", "av")}
     asked["av"] = [q for q in asked["av"] if all(m in mods for m in q["modalities"])]
@@ -440,8 +448,8 @@ def demo_av(base: Config, # a preset (its `av_stage1`/`av_stage2` sections are t
         for q in asked[k]:
             for m, fs in question_files(q, "test").items(): keys[m] |= set(fs)
     if "audio" in mods: keys["audio"].add(SILENCE)
-    tables = media_tables({m: sorted(v) for m, v in keys.items()}, root, cfg, ImageEncoder(cfg.vision), tower,
-                          progress)
+    tables = cached_tables({m: sorted(v) for m, v in keys.items()}, root, cfg, ImageEncoder(cfg.vision), tower,
+                           progress)
     _phase("features", t0, times, progress)
     prep, coll = lambda b, dev: prepare_media(b, dev, tables), MediaCollator(tok.pad_token_id)
     what = dict(world=world_info(root), tokenizer=_sha(json.loads((tok_dir / "tokenizer.json").read_text())),
@@ -455,11 +463,10 @@ def demo_av(base: Config, # a preset (its `av_stage1`/`av_stage2` sections are t
     run1, found1 = cached_av_stage(av_stage_config(cfg, 1, "-"), what, stage1_model, ds[1, "train"], ds[1, "val"],
                                    coll, prep, progress)
     _phase("av_stage1", t0, times, progress)
-    image_run = Path(image["checkpoints"]["stage2"]).parent
     def stage2_model():
         seed_all(cfg.train.seed)
         m = AnyMAL.build(cfg, tok, 2, encoder=False)
-        load_parts(m, image_run, ("bridge.",)) and load_parts(m, image_run, ("llm.",))  # image bridge and LoRA
+        load_parts(m, image_run, ("bridge.", "llm."))  # the image bridge and the LoRA adapters
         load_parts(m, run1, tuple(f"{x}_bridge." for x in mods if x != "image"))
         return m
     run2, found2 = cached_av_stage(av_stage_config(cfg, 2, "-"), dict(what, image=image_run.name, stage1=run1.name),
@@ -467,26 +474,60 @@ def demo_av(base: Config, # a preset (its `av_stage1`/`av_stage2` sections are t
     _phase("av_stage2", t0, times, progress)
     model = AnyMAL.build(cfg, tok, 2, encoder=False).eval()
     load_parts(model, run2, ("bridge.", "audio_bridge.", "video_bridge.", "llm."))
-    controls = ["none"] + (["silent"] if "audio" in mods else []) + (["shuffled"] if "video" in mods else [])
+    return dict(cfg=cfg, tok=tok, model=model, tables=tables, asked=asked, qfiles=qfiles, modalities=mods,
+                runs=dict(image_stage2=image_run.name, av_stage1=run1.name, av_stage2=run2.name),
+                found_in_cache=dict(av_stage1=found1, av_stage2=found2), phase_seconds=times)
+
+QUESTION_GROUPS = {"audio": ["audio"], "motion": ["video"], "cross_modal": ["image", "audio"]}  # by what they're given
+
+def score_av(t: dict, # `train_av`'s result
+             progress: bool = True) -> dict:
+    "Official VQA accuracy of `train_av`'s model: image questions, and sound and motion ones under each control."
+    model, tok, cfg, tables, asked, qf = (t[k] for k in ("model", "tok", "cfg", "tables", "asked", "qfiles"))
+    controls = ["none"] + (["silent"] if "audio" in t["modalities"] else []) + (
+        ["shuffled"] if "video" in t["modalities"] else [])
     ev = {"image": vqa_accuracy(answer_questions(model, tok, cfg, asked["image"], "test", tables, progress=progress),
-                                qfiles["image_q"], qfiles["image_a"])}
+                                qf["image_q"], qf["image_a"])}
     for c in controls:
         ev[c] = vqa_accuracy(answer_questions(model, tok, cfg, asked["av"], "test", tables, c, progress=progress),
-                             qfiles["av_q"], qfiles["av_a"])
-    _phase("eval", t0, times, progress)
-    groups = {"audio": [q["question_id"] for q in asked["av"] if q["modalities"] == ["audio"]],
-              "motion": [q["question_id"] for q in asked["av"] if q["modalities"] == ["video"]],
-              "cross_modal": [q["question_id"] for q in asked["av"] if q["modalities"] == ["image", "audio"]]}
-    res = dict(modalities=mods, image_vqa_accuracy=ev["image"]["overall"], image_only_vqa_accuracy=image["vqa_accuracy"],
-               image_per_type=ev["image"]["perQuestionType"],
-               accuracy={c: accuracy_by(ev[c], groups) for c in controls},
-               per_type={c: ev[c]["perQuestionType"] for c in controls},
-               n_questions=dict(image=ev["image"]["counts"]["overall"], **{g: len(v) for g, v in groups.items()}),
-               metric="official VQA accuracy (anymal.metrics.vqa_accuracy), %",
-               seconds=round(time.time() - t0, 1), phase_seconds=times, machine=machine(), seed=cfg.train.seed,
-               runs=dict(image_stage2=image_run.name, av_stage1=run1.name, av_stage2=run2.name),
-               found_in_cache=dict(av_stage1=found1, av_stage2=found2, **image["found_in_cache"]),
-               config=to_dict(cfg))
+                             qf["av_q"], qf["av_a"])
+    groups = {g: [q["question_id"] for q in asked["av"] if q["modalities"] == mods]
+              for g, mods in QUESTION_GROUPS.items()}
+    return dict(image_vqa_accuracy=ev["image"]["overall"], image_per_type=ev["image"]["perQuestionType"],
+                accuracy={c: accuracy_by(ev[c], groups) for c in controls},
+                per_type={c: ev[c]["perQuestionType"] for c in controls},
+                n_questions=dict(image=ev["image"]["counts"]["overall"], **{g: len(v) for g, v in groups.items()}),
+                metric="official VQA accuracy (anymal.metrics.vqa_accuracy), %", results=ev)
+
+def demo_av(base: Config, # a preset (its `av_stage1`/`av_stage2` sections are the new stages' recipes), then `sets`
+            out, # output folder: the image demo goes to `<out>/image`
+            modalities=("image", "audio", "video"),
+            sets=(), # overrides for every phase
+            heldout: bool = True, # the image demo's held-out split
+            eval_limit: int | None = None, # only the first questions of each evaluation
+            progress: bool = True, procs: int = 1, seed: int | None = None,
+            stage_sets: dict | None = None) -> dict: # the image stages' own overrides, as `demo` takes them
+    "Image demo -> sound and motion -> audio tower -> stage 1 -> stage 2 -> VQA per modality with its control."
+    from anymal.demo import demo, machine
+    from anymal.config import from_dict
+    out, t0 = Path(out), time.time()
+    mods = list(modalities)
+    with_modalities(base, mods)  # a wrong list fails before any training
+    image = demo(base, out / "image", sets, stage_sets, heldout=heldout, eval_limit=eval_limit, progress=progress,
+                 procs=procs, seed=seed)
+    t_image = round(time.time() - t0, 2)
+    t = train_av(with_modalities(from_dict(image["config"]), mods), Path(image["checkpoints"]["stage2"]).parent,
+                 eval_limit, progress)
+    s = score_av(t, progress)
+    t_eval = round(time.time() - t0, 2)
+    (out / "eval").mkdir(exist_ok=True)
+    for k, r in s.pop("results").items(): (out / "eval" / f"vqa_{k}.json").write_text(json.dumps(r))
+    res = dict(modalities=mods, **s, image_only_vqa_accuracy=image["vqa_accuracy"],
+               seconds=round(time.time() - t0, 1),
+               phase_seconds=dict(image_demo=t_image, **{k: round(t_image + v, 2) for k, v in t["phase_seconds"].items()
+                                                         if not k.endswith("_cpu")}, eval=t_eval),  # ends, from the start
+               machine=machine(), seed=t["cfg"].train.seed, runs=t["runs"],
+               found_in_cache=dict(**t["found_in_cache"], **image["found_in_cache"]), config=to_dict(t["cfg"]))
     (out / "results_av.json").write_text(json.dumps(res, indent=1))
     return res
 

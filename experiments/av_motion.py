@@ -52,11 +52,17 @@ model.bridge.requires_grad_(False)
 if cfg.audio.enabled: model.audio_bridge.requires_grad_(False)
 afile = root / av_paths("test")["annotations"]
 
+n_objects = {r["image_id"]: len(r["objects"])
+             for r in json.loads((root / av_paths("test")["scenes"]).read_text())["scenes"]}
+
 def score(tag):
     model.eval()
     r = vqa_accuracy(answer_questions(model, tok, cfg, qs, "test", tables), None, afile)
     sh = vqa_accuracy(answer_questions(model, tok, cfg, qs, "test", tables, "shuffled"), None, afile)
+    by = {}
+    for q in qs: by.setdefault(n_objects[q["image_id"]], []).append(r["evalQA"][q["question_id"]])
     print(json.dumps(dict(at=tag, init=init, sets=sets, motion=r["overall"], shuffled=sh["overall"],
+                          by_objects={k: round(sum(v) / len(v), 1) for k, v in sorted(by.items())},
                           s=round(time.time() - t0))), flush=True)
 
 score(0)
