@@ -152,6 +152,7 @@ class VideoConfig:
     enabled: bool = False      # off: nothing video is built, and run keys leave the section out (old caches stay valid)
     frames: int = 8            # frames sampled per clip (8 at full scale; the time embedding has one row per frame)
     tokens: int = 32           # LLM tokens per clip: 32, as for audio (the resampler's depth and heads: `resampler`)
+    stage2_repeat: int = 1     # stage 2 sees each motion question record this many times an epoch
 
 # %% ../nbs/00_config.ipynb #a96f6cf2
 @dataclass
@@ -317,7 +318,8 @@ def tiny() -> Config:
         audio=AudioConfig(model="tiny", path="", sample_rate=16000, seconds=1.0, n_mels=32, n_fft=400, hop=160,
                           width=64, layers=1, heads=2, tokens=8,
                           tower_steps=300),  # off by default: `anymal demo --modalities image,audio,video` turns it on
-        video=VideoConfig(frames=4, tokens=8),  # off by default, as audio
+        video=VideoConfig(frames=4, tokens=8,
+                          stage2_repeat=3),  # off by default, as audio; motion is what stage 2 learns slowest
         data=DataConfig(root="data/world", max_len=160, num_workers=0, world_images=4000, world_val_images=500),
         train=TrainConfig(batch_size=32, grad_accum=1, warmup=20, eval_every=100, eval_batches=4, log_every=10,
                           cache_features=True,  # the tower is frozen: encode each image once
@@ -340,7 +342,7 @@ def tiny() -> Config:
                            lora_lr=2e-3, save_every=250),
         # sound and motion (`anymal.demo_av`): their bridges on captions, then everything on the mixed instructions
         av_stage1=StageConfig(out_dir="runs/tiny/av_stage1", steps=800, lr=2e-3, save_every=200),
-        av_stage2=StageConfig(out_dir="runs/tiny/av_stage2", steps=1000, lr=2e-3, lora_lr=2e-3, save_every=250),
+        av_stage2=StageConfig(out_dir="runs/tiny/av_stage2", steps=2000, lr=2e-3, lora_lr=2e-3, save_every=500),
     )
     return for_stage(c, 1)
 

@@ -36,11 +36,11 @@ from .metrics import vqa_accuracy
 
 # %% auto #0
 __all__ = ['AV', 'MEDIA_FOLDERS', 'MEDIA_KEYS', 'QUESTION_GROUPS', 'add_placeholders', 'with_modalities', 'media_messages',
-           'audio_caption_records', 'video_caption_records', 'av_records', 'caption_records', 'MediaDataset',
-           'collate_media', 'MediaCollator', 'gif_frames', 'mono_mel', 'encode_table', 'media_tables', 'cached_tables',
-           'prepare_media', 'TinyCLAP', 'sound_captions', 'train_audio_tower', 'audio_tower', 'av_stage_config',
-           'load_parts', 'cached_av_stage', 'question_files', 'answer_questions', 'accuracy_by', 'train_av', 'score_av',
-           'demo_av', 'demo_cli']
+           'audio_caption_records', 'video_caption_records', 'is_describe', 'av_records', 'stage2_records',
+           'caption_records', 'MediaDataset', 'collate_media', 'MediaCollator', 'gif_frames', 'mono_mel',
+           'encode_table', 'media_tables', 'cached_tables', 'prepare_media', 'TinyCLAP', 'sound_captions',
+           'train_audio_tower', 'audio_tower', 'av_stage_config', 'load_parts', 'cached_av_stage', 'question_files',
+           'answer_questions', 'accuracy_by', 'train_av', 'score_av', 'demo_av', 'demo_cli']
 
 # %% ../nbs/21b_demo_av.ipynb #695e3573
 AV = ("audio", "video")
@@ -67,7 +67,7 @@ def with_modalities(cfg: Config, modalities) -> Config:
                           + (f" ({unknown[0]!r} is not one)" if unknown else ""))
     return override(cfg, [f"{m}.enabled={str(m in mods).lower()}" for m in AV])
 
-# %% ../nbs/21b_demo_av.ipynb #eabdd84f
+# %% ../nbs/21b_demo_av.ipynb #fa3a57a7
 def media_messages(rec: dict, name: str) -> tuple[list[dict], dict]:
     "A LLaVA-style record as chat messages and its files by modality `{image: [...], audio: [...], video: [...]}`."
     if not isinstance(rec, dict) or not isinstance(rec.get("conversations"), list) or not rec["conversations"]:
@@ -118,10 +118,22 @@ def video_caption_records(path, # a WebVid-style CSV: videoid, contentUrl, durat
             {"from": "human", "value": f"{MARKERS['video']}\n{prompt}"}, {"from": "gpt", "value": r["name"]}]})
     return out
 
-def av_records(root, split: str, modalities) -> list[dict]:
+def is_describe(rec: dict) -> bool:
+    "Whether a sound-and-motion record is a describe-the-sound or describe-the-motion chat (a caption, as in stage 1)."
+    return rec["conversations"][0]["value"].endswith((SOUND_PROMPT, MOTION_PROMPT))
+
+def av_records(root, split: str, modalities,
+               describe: bool = True) -> list[dict]: # False: the questions only (stage 1 has the captions)
     "The world's sound-and-motion LLaVA records of `split` whose files are all of `modalities`."
     recs = json.loads((Path(root) / av_paths(split)["instruct"]).read_text())
-    return [r for r in recs if all(m in modalities for m in MARKERS if m in r)]
+    return [r for r in recs if all(m in modalities for m in MARKERS if m in r) and (describe or not is_describe(r))]
+
+def stage2_records(root, cfg: Config, split: str, modalities) -> list[dict]:
+    "Stage 2's mix: the image instructions, the sound and motion questions, each video one `video.stage2_repeat` times."
+    recs = av_records(root, split, modalities, describe=False)
+    k = cfg.video.stage2_repeat if split == "train" else 1
+    return (json.loads((Path(root) / cfg.data.instruct_json.format(split=split)).read_text())
+            + [r for r in recs if "video" not in r] + [r for r in recs if "video" in r] * k)
 
 def caption_records(root, split: str, modalities) -> list[dict]:
     "Stage-1 records of `split`: sound captions (with audio on) and motion captions (with video on)."
@@ -337,7 +349,7 @@ def audio_tower(cfg: Config, root, tok, tok_dir, progress: bool = True) -> TinyA
     tower.log = json.loads((d / "log.json").read_text())  # its contrastive loss, step by step
     return tower.requires_grad_(False).eval()
 
-# %% ../nbs/21b_demo_av.ipynb #b08dc773
+# %% ../nbs/21b_demo_av.ipynb #dd9d9318
 def av_stage_config(cfg: Config, stage: int, out_dir) -> Config:
     "`cfg` set up to run sound-and-motion stage `stage`: its `av_stage{N}` section copied into `train`."
     sec = dict(dataclasses.asdict(getattr(cfg, f"av_stage{stage}")), out_dir=str(out_dir), init_from="")
@@ -361,6 +373,7 @@ def _portable_config(c: Config) -> dict:
     d["data"] = {k: v for k, v in d["data"].items() if k not in ("root", "num_workers")}
     d["llm"] = {k: v for k, v in d["llm"].items() if k not in ("path", "tokenizer")}  # the stand-in: by `what`
     d["vision"] = {k: v for k, v in d["vision"].items() if k != "pretrained"}
+    d.pop(f"av_stage{3 - c.train.stage}")  # the other stage's recipe (stage 2 names stage 1's run in `what`)
     return d
 
 def cached_av_stage(c: Config, # the stage's config (`av_stage_config`); its `train.out_dir` is ignored
@@ -414,7 +427,7 @@ def accuracy_by(result: dict, groups: dict) -> dict:
     s = result["evalQA"]
     return {g: round(sum(s[q] for q in qs) / len(qs), 2) for g, qs in groups.items() if qs}
 
-# %% ../nbs/21b_demo_av.ipynb #b8a9a275
+# %% ../nbs/21b_demo_av.ipynb #206ab9c2
 def train_av(cfg: Config, # the image model's config (world and stand-ins filled in), `audio`/`video` on as wanted
              image_run, # the image stage-2 run to start stage 2 from
              eval_limit: int | None = None, # only the first test questions of each set (their files are encoded)
@@ -433,9 +446,7 @@ def train_av(cfg: Config, # the image model's config (world and stand-ins filled
     _phase("audio_tower", t0, times, progress)
     ds = {(s, split): MediaDataset(recs, root, tok, cfg, f"{s} {split}")
           for s, fn in ((1, caption_records), (2, None)) for split in ("train", "val")
-          for recs in [fn(root, split, mods) if fn else
-                       json.loads((root / cfg.data.instruct_json.format(split=split)).read_text())
-                       + av_records(root, split, mods)]}
+          for recs in [fn(root, split, mods) if fn else stage2_records(root, cfg, split, mods)]}
     qfiles = {k: root / v for k, v in dict(
         image_q="vqa/v2_OpenEnded_shapes_test_questions.json", image_a="vqa/v2_shapes_test_annotations.json",
         av_q=av_paths("test")["questions"], av_a=av_paths("test")["annotations"]).items()}

@@ -2,6 +2,7 @@
 accuracy (official VQA metric, test questions) every few hundred steps, as JSON lines.
 
     python experiments/av_motion.py DEMO_OUT STEPS [init] [key=value ...]
+    QA_ONLY=1 python experiments/av_motion.py ...   # train on the motion questions only
 
 DEMO_OUT is a finished `anymal demo --modalities image,audio,video` folder (its results_av.json names the config and
 runs). init: "av2" (the demo's stage 2, default), "image" (the image stage 2 with a fresh video bridge) or
@@ -28,6 +29,9 @@ cfg = override(from_dict(res["config"]), sets)
 root = Path(cfg.data.root)
 tok = add_placeholders(load_tokenizer(root / "tokenizer"), AV, cfg.llm.vocab_size)
 recs = {s: [r for r in av_records(root, s, ["image", "video"]) if "video" in r] for s in ("train", "val")}
+if __import__("os").environ.get("QA_ONLY"):  # the motion questions only, without the describe-the-motion chats
+    recs = {s: [r for r in v if "Describe" not in r["conversations"][0]["value"]] for s, v in recs.items()}
+    sets = [*sets, "(questions only)"]
 ds = {s: MediaDataset(recs[s], root, tok, cfg, s) for s in recs}
 qs = [q for q in json.loads((root / av_paths("test")["questions"]).read_text())["questions"]
       if q["modalities"] == ["video"]][:500]
