@@ -3,6 +3,7 @@ its reading curve (anymal.standins.reading_probe, 100 test scenes) as JSON lines
 
     OMP_NUM_THREADS=1 python experiments/lm_seeds.py SEED [config overrides]   # e.g. 1 llm.heads=8
     MIN_OBJECTS=3 OMP_NUM_THREADS=1 python experiments/lm_seeds.py SEED ...      # text-only scenes of 3+ objects only
+    QA_ONLY=1 OMP_NUM_THREADS=1 python experiments/lm_seeds.py SEED ...          # text-only scenes: question chats only
 
 Used for "A reading that every seed learns" in docs/tiny-recipe.md. The world is the seed's cached one (`shared_world`).
 """
@@ -22,6 +23,14 @@ if least:  # the text-only scenes (anymal.standins.text_scenes) drawn again unti
         return s
     S.sample_scene = fuller
     sets = [*sets, f"(min objects {least})"]
+if __import__("os").environ.get("QA_ONLY"):  # text-only scenes give only their question chats (no caption, no describe)
+    import anymal.standins as S
+    chats = S.scene_chats
+    def qa_only(scene, *a, **k):
+        out = chats(scene, *a, **k)
+        return out[2:] if str(scene["image_id"]).startswith("text") else out
+    S.scene_chats = qa_only
+    sets = [*sets, "(text-only scenes: questions only)"]
 torch.set_num_threads(int(__import__("os").environ.get("OMP_NUM_THREADS", "1")))
 cfg = shared_world(override(tiny(), [f"train.seed={seed}", f"data.world_seed={seed}", *[x for x in sets if "=" in x]]))
 tok = load_tokenizer(f"{cfg.data.root}/tokenizer")
