@@ -10,6 +10,7 @@ from anymal.tokenizer import BadRecord, PLACEHOLDERS, encode_chat, modality_toke
 from anymal.world import ensure_world
 from anymal.world_av import SILENCE, av_paths, generate_av, shuffle_frames
 from anymal.demo_av import (MediaDataset, add_placeholders, audio_caption_records, av_records, caption_records,
+                            is_describe, stage2_records,
                             collate_media, media_messages, media_tables, prepare_media, question_files,
                             video_caption_records, with_modalities, TinyCLAP, train_audio_tower)
 from anymal.vision import ImageEncoder
@@ -130,3 +131,20 @@ def test_cli_names_a_wrong_modality(capsys):
     assert main(["demo", "--modalities", "image,smell", "--set", "data.world_images=8"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("anymal demo: error: --modalities image,smell") and "'smell' is not one" in err
+
+
+def test_stage2_mix(world):
+    "Stage 2: every image instruction, the sound and motion questions (no captions), motion ones repeated."
+    root, _ = world
+    c = override(CFG, video__stage2_repeat=3)
+    mix = stage2_records(root, c, "train", ("image", "audio", "video"))
+    images = json.loads((root / c.data.instruct_json.format(split="train")).read_text())
+    qa = av_records(root, "train", ("image", "audio", "video"), describe=False)
+    every = av_records(root, "train", ("image", "audio", "video"))
+    assert not any(is_describe(r) for r in qa) and any(is_describe(r) for r in every)
+    video = [r for r in qa if "video" in r]
+    assert len(mix) == len(images) + len(qa) + 2 * len(video) and video
+    assert sum(r["id"] == video[0]["id"] for r in mix) == 3
+    assert len(stage2_records(root, c, "val", ("image", "audio"))) == len(
+        json.loads((root / c.data.instruct_json.format(split="val")).read_text())) + len(
+        av_records(root, "val", ("image", "audio"), describe=False))  # no video, no repeats outside train
