@@ -319,7 +319,7 @@ def tiny() -> Config:
                           width=64, layers=1, heads=2, tokens=8,
                           tower_steps=300),  # off by default: `anymal demo --modalities image,audio,video` turns it on
         video=VideoConfig(frames=4, tokens=8,
-                          stage2_repeat=3),  # off by default, as audio; motion is what stage 2 learns slowest
+                          stage2_repeat=8),  # off by default, as audio; motion is what stage 2 learns slowest
         data=DataConfig(root="data/world", max_len=160, num_workers=0, world_images=4000, world_val_images=500),
         train=TrainConfig(batch_size=32, grad_accum=1, warmup=20, eval_every=100, eval_batches=4, log_every=10,
                           cache_features=True,  # the tower is frozen: encode each image once
@@ -342,7 +342,7 @@ def tiny() -> Config:
                            lora_lr=2e-3, save_every=250),
         # sound and motion (`anymal.demo_av`): their bridges on captions, then everything on the mixed instructions
         av_stage1=StageConfig(out_dir="runs/tiny/av_stage1", steps=800, lr=2e-3, save_every=200),
-        av_stage2=StageConfig(out_dir="runs/tiny/av_stage2", steps=2000, lr=2e-3, lora_lr=2e-3, save_every=500),
+        av_stage2=StageConfig(out_dir="runs/tiny/av_stage2", steps=3000, lr=2e-3, lora_lr=2e-3, save_every=1000),
     )
     return for_stage(c, 1)
 

@@ -341,7 +341,7 @@ def audio_tower(cfg: Config, root, tok, tok_dir, progress: bool = True) -> TinyA
     tower.log = json.loads((d / "log.json").read_text())  # its contrastive loss, step by step
     return tower.requires_grad_(False).eval()
 
-# %% ../nbs/21b_demo_av.ipynb #784cc95e
+# %% ../nbs/21b_demo_av.ipynb #dd9d9318
 def av_stage_config(cfg: Config, stage: int, out_dir) -> Config:
     "`cfg` set up to run sound-and-motion stage `stage`: its `av_stage{N}` section copied into `train`."
     sec = dict(dataclasses.asdict(getattr(cfg, f"av_stage{stage}")), out_dir=str(out_dir), init_from="")
@@ -366,7 +366,6 @@ def _portable_config(c: Config) -> dict:
     d["llm"] = {k: v for k, v in d["llm"].items() if k not in ("path", "tokenizer")}  # the stand-in: by `what`
     d["vision"] = {k: v for k, v in d["vision"].items() if k != "pretrained"}
     d.pop(f"av_stage{3 - c.train.stage}")  # the other stage's recipe (stage 2 names stage 1's run in `what`)
-    if c.train.stage == 1: d["video"].pop("stage2_repeat")  # stage 2's mix
     return d
 
 def cached_av_stage(c: Config, # the stage's config (`av_stage_config`); its `train.out_dir` is ignored
