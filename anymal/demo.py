@@ -22,7 +22,7 @@ from .cache import DONE, cache_root, cached, file_lock
 
 # %% auto #0
 __all__ = ['RUNS_VERSION', 'MemoEncoder', 'memo_assistant', 'score_vqa', 'machine', 'train_procs', 'demo', 'run_key',
-           'cached_stage', 'shared_world', 'accuracy_curve', 'demo_main']
+           'cached_stage', 'cached_run', 'shared_world', 'accuracy_curve', 'demo_main']
 
 # %% ../nbs/21_demo.ipynb #591d8041
 class MemoEncoder(torch.nn.Module):
@@ -191,13 +191,17 @@ def cached_stage(c: Config, # a stage config (`stage_config`); its `train.out_di
                  procs: int = 1, # as `train_procs`
                  progress: bool = True) -> Path:
     "The run of `c`, trained once into `$ANYMAL_CACHE/runs/<run_key(c)>` and found there afterwards; returns the run folder."
-    name = run_key(c)
+    return cached_run(run_key(c), lambda dst, resume: train_procs(override(c, [f"train.out_dir={dst}"]), procs,
+                                                                   progress=progress, resume=resume))
+
+def cached_run(name: str, # the run's folder name in `$ANYMAL_CACHE/runs`
+               train) -> Path: # train(run_folder, resume): trains the run into that folder
+    "`$ANYMAL_CACHE/runs/<name>`, trained once by `train` (resumed where an earlier try stopped), then found there."
     dst = cache_root() / "runs" / name
     if (dst / DONE).exists(): return dst
     with file_lock(cache_root() / "runs" / f"{name}.lock"):
         if not (dst / DONE).exists():  # not built by another process while we waited
-            resume = dst.exists()  # an interrupted run continues from its last checkpoint
-            train_procs(override(c, [f"train.out_dir={dst}"]), procs, progress=progress, resume=resume)
+            train(dst, dst.exists())  # an interrupted run continues from its last checkpoint
             (dst / DONE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S"))
     return dst
 

@@ -20,24 +20,24 @@ from open_clip.transformer import TextTransformer
 from safetensors.torch import load_file, save_file
 from .config import Config, ConfigError, DataError, UserError, override, to_dict
 from .tokenizer import (EOT, MARKERS, PLACEHOLDERS, BadRecord, encode_chat, load_tokenizer, modality_token_ids)
-from .audio import AudioEncoder, TinyAudioTower, log_mel
+from .audio import TinyAudioTower, audio_preprocess
 from .vision import ImageEncoder
 from .model import AnyMAL
 from .world import world_info
-from .world_av import (AV_MODALITIES, MOTION_PROMPT, SILENCE, SOUND_PROMPT, av_paths, ensure_av, load_wav,
+from .world_av import (MOTION_PROMPT, SILENCE, SOUND_PROMPT, av_paths, ensure_av, gif_images, load_wav,
                        shuffle_frames)
 from .data import SampleDataset, collate, llava_messages
 from .checkpoint import WEIGHTS, resolve_checkpoint
 from .cache import DONE, cache_root, cached, file_lock
 from .stages import FeatureTable
-from .standins import clip_loss, clip_text_ids, _schedule
+from .standins import clip_loss, clip_text_ids, _schedule, _sha
 from .trainer import fit, seed_all, to_inputs
 from .metrics import vqa_accuracy
 
 # %% auto #0
-__all__ = ['AV', 'MEDIA_FOLDERS', 'MEDIA_KEYS', 'QUESTION_GROUPS', 'add_placeholders', 'with_modalities', 'media_messages',
-           'audio_caption_records', 'video_caption_records', 'is_describe', 'av_records', 'stage2_records',
-           'caption_records', 'MediaDataset', 'collate_media', 'MediaCollator', 'gif_frames', 'mono_mel',
+__all__ = ['AV', 'MEDIA_FOLDERS', 'gif_frames', 'MEDIA_KEYS', 'QUESTION_GROUPS', 'add_placeholders', 'with_modalities',
+           'media_messages', 'audio_caption_records', 'video_caption_records', 'is_describe', 'av_records',
+           'stage2_records', 'caption_records', 'MediaDataset', 'collate_media', 'MediaCollator', 'mono_mel',
            'encode_table', 'media_tables', 'cached_tables', 'prepare_media', 'TinyCLAP', 'sound_captions',
            'train_audio_tower', 'audio_tower', 'av_stage_config', 'load_parts', 'cached_av_stage', 'question_files',
            'answer_questions', 'accuracy_by', 'train_av', 'score_av', 'demo_av', 'demo_cli']
@@ -197,26 +197,11 @@ class MediaCollator:
     def __call__(self, samples: list[dict]) -> dict: return collate_media(samples, self.pad_id, self.padding_side)
 
 # %% ../nbs/21b_demo_av.ipynb #58c54aa3
-def gif_frames(path, frames: int) -> list[Image.Image]:
-    "`frames` frames of the GIF at `path`, evenly spaced, as RGB images; a `BadRecord` naming the file otherwise."
-    try:
-        with Image.open(path) as im:
-            n = getattr(im, "n_frames", 1)
-            if n < frames: raise BadRecord(f"{path}: {n} frames; {frames} asked for", "short video")
-            out = []
-            for i in [round(i * (n - 1) / max(frames - 1, 1)) for i in range(frames)]:
-                im.seek(i)
-                out.append(im.convert("RGB"))
-            return out
-    except BadRecord: raise
-    except FileNotFoundError: raise BadRecord(f"{path}: video file not found", "missing video") from None
-    except Exception as e:
-        raise BadRecord(f"{path}: cannot decode GIF: {type(e).__name__}: {' '.join(str(e).split())}", "corrupt video")
+gif_frames = gif_images  # a video's frames as images, for the image encoder's own preprocessing
 
 def mono_mel(path, acfg) -> torch.Tensor:
-    "The log-mel spectrogram `(T, n_mels)` of the WAV at `path`, its channels averaged."
-    wave = load_wav(path)  # (C, S)
-    return log_mel(wave.mean(0, keepdim=True), acfg)[0]
+    "The audio tower's input (`audio_preprocess`) from the WAV at `path`, its channels averaged."
+    return audio_preprocess(acfg)(load_wav(path).mean(0))  # (C, S) -> (S,) -> (T, n_mels)
 
 @torch.no_grad()
 def encode_table(fn, keys: list, load, batch: int = 256, desc: str = "", progress: bool = False) -> FeatureTable:
@@ -322,8 +307,6 @@ def train_audio_tower(cfg: Config, root, tok, progress: bool = True, log=None) -
     return model.audio.eval()
 
 # %% ../nbs/21b_demo_av.ipynb #9ae1bc99
-def _sha(obj) -> str: return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
 def audio_tower(cfg: Config, root, tok, tok_dir, progress: bool = True) -> TinyAudioTower:
     "The trained tiny audio tower of `cfg` and the world at `root`, from the cache (trained there once); `.log`: its losses."
     from anymal.world_av import av_info
@@ -373,15 +356,13 @@ def cached_av_stage(c: Config, # the stage's config (`av_stage_config`); its `tr
                     build_model, # () -> the model, loaded with its starting tensors
                     train_ds, val_ds, collate_fn, prepare, progress: bool = True) -> tuple[Path, bool]:
     "The run of `c` in `$ANYMAL_CACHE/runs/av<stage>-<hash>`, trained there once; `(run folder, found in cache)`."
+    from anymal.demo import cached_run
     name = f"av{c.train.stage}-{_sha(dict(config=_portable_config(c), **what))}"
-    dst = cache_root() / "runs" / name
-    if (dst / DONE).exists(): return dst, True
-    with file_lock(cache_root() / "runs" / f"{name}.lock"):
-        if (dst / DONE).exists(): return dst, True
-        fit(av_stage_config(c, c.train.stage, dst), build_model(), train_ds, val_ds, collate_fn,
-            resume=dst.exists(), prepare=prepare, progress=progress)
-        (dst / DONE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S"))
-    return dst, False
+    found = (cache_root() / "runs" / name / DONE).exists()
+    dst = cached_run(name, lambda dst, resume: fit(av_stage_config(c, c.train.stage, dst), build_model(), train_ds,
+                                                   val_ds, collate_fn, resume=resume, prepare=prepare,
+                                                   progress=progress))
+    return dst, found
 
 # %% ../nbs/21b_demo_av.ipynb #b23b0130
 def question_files(q: dict, split: str) -> dict:

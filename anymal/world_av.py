@@ -20,9 +20,9 @@ from .world import (COLORS, NUMBERS, QUADRANTS, _a, _cap, _dump, _join, _target,
 # %% auto #0
 __all__ = ['FREQS', 'PITCH', 'GAINS', 'LOUD', 'PAN', 'GAP', 'RAMP', 'JITTER', 'DIRECTIONS', 'SHIFT', 'AV_QUESTION_TYPES',
            'AV_ANSWER_TYPE', 'AV_MODALITIES', 'AV_JSON', 'SILENCE', 'SOUND_PROMPT', 'MOTION_PROMPT', 'sample_sounds',
-           'synth_audio', 'wav_bytes', 'load_wav', 'sample_motion', 'motion_frames', 'gif_bytes', 'load_gif',
-           'shuffle_frames', 'q_sound_count', 'q_sound_exists', 'q_sound_color', 'q_sound_shape', 'q_motion',
-           'make_av_qa', 'sound_caption', 'motion_caption', 'av_paths', 'make_av_split', 'av_llava_records',
+           'synth_audio', 'wav_bytes', 'load_wav', 'sample_motion', 'motion_frames', 'gif_bytes', 'gif_images',
+           'load_gif', 'shuffle_frames', 'q_sound_count', 'q_sound_exists', 'q_sound_color', 'q_sound_shape',
+           'q_motion', 'make_av_qa', 'sound_caption', 'motion_caption', 'av_paths', 'make_av_split', 'av_llava_records',
            'av_vqa_files', 'av_caption_files', 'write_av_split', 'generate_av', 'av_info', 'ensure_av', 'iter_av_text']
 
 # %% ../nbs/07b_world_av.ipynb #bdafaabe
@@ -141,9 +141,9 @@ def gif_bytes(frames: list[Image.Image], ms: int = 250) -> bytes:
     return buf.getvalue()
 
 # %% ../nbs/07b_world_av.ipynb #259b0484
-def load_gif(path, # an animated GIF
-             frames: int | None = None) -> torch.Tensor: # frames to sample evenly (None: all)
-    "The clip at `path` as `(F, 3, H, W)` floats in [0, 1]; a `BadRecord` naming the file if it cannot be read."
+def gif_images(path, # an animated GIF
+               frames: int | None = None) -> list[Image.Image]: # frames to sample evenly (None: all)
+    "The clip at `path` as RGB images; a `BadRecord` naming the file if it cannot be read."
     try:
         with Image.open(path) as im:
             if im.format != "GIF": raise ValueError(f"a {im.format} image, not a GIF")
@@ -153,13 +153,19 @@ def load_gif(path, # an animated GIF
             out = []
             for i in idx:
                 im.seek(i)
-                out.append(np.asarray(im.convert("RGB")))
+                out.append(im.convert("RGB"))
     except BadRecord: raise
     except FileNotFoundError: raise BadRecord(f"{path}: video file not found", "missing video") from None
     except Exception as e:
         why = " ".join(str(e).split())  # one line
         raise BadRecord(f"{path}: cannot decode GIF: {type(e).__name__}: {why}", "corrupt video") from None
-    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float() / 255  # (F, 3, H, W)
+    return out
+
+def load_gif(path, # an animated GIF
+             frames: int | None = None) -> torch.Tensor: # frames to sample evenly (None: all)
+    "The clip at `path` as `(F, 3, H, W)` floats in [0, 1]; a `BadRecord` naming the file if it cannot be read."
+    out = np.stack([np.asarray(im) for im in gif_images(path, frames)])
+    return torch.from_numpy(out).permute(0, 3, 1, 2).float() / 255  # (F, 3, H, W)
 
 # %% ../nbs/07b_world_av.ipynb #b3217d86
 def shuffle_frames(frames: torch.Tensor, # (F, ...) one clip's frames
