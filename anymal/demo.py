@@ -50,7 +50,7 @@ def memo_assistant(checkpoint):
 def score_vqa(run, # a stage-2 run folder (or checkpoint)
              cfg: Config, # for the data paths and the VQA instruction
              split: str = "test", control: str = "none", limit: int | None = None, batch_size: int = 128,
-             out_dir=None, assistant=None) -> dict:
+             out_dir=None, assistant=None, progress: bool = True) -> dict:
     "Official VQA accuracy of checkpoint `run` on the world's `split` (optionally under a control)."
     from anymal.infer import make_answer_fn
     a = assistant or memo_assistant(run)
@@ -68,6 +68,7 @@ def score_vqa(run, # a stage-2 run folder (or checkpoint)
         limit=limit,
         instruction=cfg.data.vqa_prompt,
         image_path_fn=lambda i: f"{split}/{i}.png",
+        progress=progress,
     )
 
 # %% ../nbs/21_demo.ipynb #573ee60d
@@ -142,7 +143,8 @@ def demo(base: Config, # a preset (its `stage1`/`stage2` sections are the stages
         _phase(f"stage{s}", t0, times, progress)
     a = memo_assistant(runs[2])
     ev = {
-        name: score_vqa(runs[2], cfg, split, control, eval_limit, out_dir=out / "eval", assistant=a)
+        name: score_vqa(runs[2], cfg, split, control, eval_limit, out_dir=out / "eval", assistant=a,
+                        progress=progress)
         for name, split, control in [("test", "test", "none"), ("blank", "test", "blank")]
         + ([("heldout", "heldout", "none")] if heldout else [])
     }
@@ -227,7 +229,8 @@ def accuracy_curve(out, # a finished `demo` folder (with results.json)
     if not ckpts: raise FileNotFoundError(f"no stage-2 checkpoints under {out / 'stage2' / 'checkpoints'}")
     for ck in ckpts:
         a = memo_assistant(ck)
-        r, b = (score_vqa(ck, cfg, "test", control, limit, assistant=a) for control in ("none", "blank"))
+        r, b = (score_vqa(ck, cfg, "test", control, limit, assistant=a, progress=progress)
+                for control in ("none", "blank"))
         rows.append(
             dict(
                 step=int(ck.name.split("-")[1]),
@@ -292,8 +295,13 @@ def demo_main(argv: list[str] | None = None,
     ap.add_argument("--modalities", default="image",
                     help="what the model reads, comma-separated: image (default), audio, video; e.g. image,audio,video "
                     "trains the image demo, then the audio and video bridges on top of it (anymal.demo_av)")
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars (tqdm's, libraries' included), "
+                    "no phase lines: only the results")
     args = add_config_args(ap).parse_args(argv)
+    if args.no_progress:  # the Hugging Face libraries' bars too (loading, saving), here and in child processes
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
     mods = [m.strip() for m in args.modalities.split(",") if m.strip()]
     if args.threads: torch.set_num_threads(args.threads)
     base = from_json(args.config) if args.config else preset(args.preset)

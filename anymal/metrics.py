@@ -261,10 +261,11 @@ def load_images(image_id, path_of: Callable, control: str = "none", swap: dict |
     with Image.open(path) as im: return [Image.new("RGB", im.size, (128, 128, 128))]  # a uniform grey: no decoding
 
 def run_batches(
-    fn: Callable, keys: list, loaders: list, prompts: list, batch_size: int = 16, desc: str = "eval"
+    fn: Callable, keys: list, loaders: list, prompts: list, batch_size: int = 16, desc: str = "eval",
+    progress: bool = True, # False: no progress bar
 ) -> list[str]:
     "`fn(images, prompts)` over batches, with a progress bar; the outputs in order."
-    outs, bar = [], tqdm(total=len(keys), desc=desc, unit="sample")
+    outs, bar = [], tqdm(total=len(keys), desc=desc, unit="sample", disable=not progress)
     for i in range(0, len(keys), batch_size):
         got = fn([load() for load in loaders[i:i + batch_size]], prompts[i:i + batch_size])
         want = len(prompts[i:i + batch_size])
@@ -401,6 +402,7 @@ def evaluate_vqa(answer_fn: Callable, # fn(images: list[list[PIL.Image]], prompt
                  image_path_fn: Callable | None = None, # image_id -> path; default COCO naming
                  instruction: str | None = None, # short-answer instruction; default DataConfig.vqa_prompt
                  seed: int = 0, # for the shuffled control
+                 progress: bool = True, # False: no progress bar
                 ) -> dict:
     "Answer VQAv2 questions with `answer_fn` and score them officially; the result records the control used."
     control = _check_control(control)
@@ -411,7 +413,8 @@ def evaluate_vqa(answer_fn: Callable, # fn(images: list[list[PIL.Image]], prompt
     swap = shuffle_images([q["image_id"] for q in qs], seed) if control == "shuffled" else None
     answers = run_batches(answer_fn, [f"question_id {q['question_id']}" for q in qs],
                           [partial(load_images, q["image_id"], path_of, control, swap) for q in qs],
-                          [vqa_prompt(q["question"], instruction) for q in qs], batch_size, f"VQA ({control})")
+                          [vqa_prompt(q["question"], instruction) for q in qs], batch_size, f"VQA ({control})",
+                          progress)
     results = [{"question_id": q["question_id"], "answer": a} for q, a in zip(qs, answers)]
     acc = vqa_accuracy(results, qfile, afile)
     acc.update(control=control, instruction=vqa_prompt("", instruction).lstrip("\n"), seed=seed)

@@ -195,7 +195,8 @@ class Trainer:
                 model, [n for n, p in model.named_parameters() if not p.requires_grad]
             )
             self.model = DDP(model, device_ids=[self.d.device] if self.d.device.type == "cuda" else None,
-                             broadcast_buffers=False, find_unused_parameters=find_unused_parameters)
+                             forward_sync_buffers=False,  # every rank holds the same buffers (rotary tables)
+                             find_unused_parameters=find_unused_parameters)
         self.opt, self.p = build_optimizer(model, self.tc), Progress()
         self.sched = build_scheduler(self.opt, self.tc)
         self.prepare = prepare or partial(to_inputs, keys=forward_keys(model))

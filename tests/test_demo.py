@@ -18,6 +18,7 @@ def test_reduced_demo(tmp_path):
                        capture_output=True, text=True, env=env, timeout=600)
     print(f"reduced demo: {time.time() - t0:.0f} s")  # wall time is reported, not asserted: timings belong in benchmarks
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "VQA (none)" not in r.stderr and "it/s]" not in r.stderr, r.stderr[-2000:]  # --no-progress: no bars at all
     lines = [json.loads(l) for l in r.stdout.strip().splitlines() if l.startswith("{")]
     line, curve = lines[0], [l["curve"] for l in lines[1:]]
     for k in ("vqa_accuracy", "vqa_accuracy_normalised", "blind_vqa_accuracy", "per_type", "heldout_vqa_accuracy",
