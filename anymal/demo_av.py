@@ -35,12 +35,12 @@ from .trainer import fit, seed_all, to_inputs
 from .metrics import vqa_accuracy
 
 # %% auto #0
-__all__ = ['AV', 'MEDIA_FOLDERS', 'gif_frames', 'MEDIA_KEYS', 'QUESTION_GROUPS', 'add_placeholders', 'with_modalities',
-           'media_messages', 'audio_caption_records', 'video_caption_records', 'is_describe', 'av_records',
-           'stage2_records', 'caption_records', 'MediaDataset', 'collate_media', 'MediaCollator', 'mono_mel',
-           'encode_table', 'media_tables', 'cached_tables', 'prepare_media', 'TinyCLAP', 'sound_captions',
-           'train_audio_tower', 'audio_tower', 'av_stage_config', 'load_parts', 'cached_av_stage', 'question_files',
-           'answer_questions', 'accuracy_by', 'train_av', 'score_av', 'demo_av', 'demo_cli']
+__all__ = ['AV', 'MEDIA_FOLDERS', 'MEDIA_KEYS', 'QUESTION_GROUPS', 'add_placeholders', 'with_modalities', 'media_messages',
+           'audio_caption_records', 'video_caption_records', 'is_describe', 'av_records', 'stage2_records',
+           'caption_records', 'MediaDataset', 'collate_media', 'MediaCollator', 'mono_mel', 'encode_table',
+           'media_tables', 'cached_tables', 'prepare_media', 'TinyCLAP', 'sound_captions', 'train_audio_tower',
+           'audio_tower', 'av_stage_config', 'load_parts', 'cached_av_stage', 'question_files', 'answer_questions',
+           'accuracy_by', 'train_av', 'score_av', 'demo_av', 'demo_cli']
 
 # %% ../nbs/21b_demo_av.ipynb #695e3573
 AV = ("audio", "video")
@@ -197,8 +197,6 @@ class MediaCollator:
     def __call__(self, samples: list[dict]) -> dict: return collate_media(samples, self.pad_id, self.padding_side)
 
 # %% ../nbs/21b_demo_av.ipynb #58c54aa3
-gif_frames = gif_images  # a video's frames as images, for the image encoder's own preprocessing
-
 def mono_mel(path, acfg) -> torch.Tensor:
     "The audio tower's input (`audio_preprocess`) from the WAV at `path`, its channels averaged."
     return audio_preprocess(acfg)(load_wav(path).mean(0))  # (C, S) -> (S,) -> (T, n_mels)
@@ -223,7 +221,7 @@ def media_tables(keys: dict, # {modality: [keys]} (`MediaDataset.keys`, merged o
         F_ = cfg.video.frames
         def frames(x): return image_encoder(x.flatten(0, 1)).unflatten(0, (len(x), F_))  # (N, F, 1+P, Dv)
         out["video"] = encode_table(frames, keys["video"],
-                                    lambda k: torch.stack([pre(f) for f in gif_frames(root / k, F_)]), batch=64,
+                                    lambda k: torch.stack([pre(f) for f in gif_images(root / k, F_)]), batch=64,
                                     desc="video features", progress=progress)
     if keys.get("audio"):
         out["audio"] = encode_table(lambda x: audio_tower(x)[:, :1], keys["audio"],
